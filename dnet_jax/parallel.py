@@ -1,0 +1,106 @@
+"""Compiled entry points: `jax.jit` on one device, `jax.pmap` across local devices.
+
+The pmapped steps are the pure steps of `dnet_jax.steps` with `axis_name` set,
+so gradients are averaged and counts summed over devices. State is replicated
+(a leading device axis on every leaf) and batches are sharded along their
+leading axis with `shard_batch`. Since jax 0.10, `pmap` lowers to jit +
+shard_map with pmap's own collective semantics; the equivalence with one device
+is tested in tests/test_parallel.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dnet_jax import steps
+
+AXIS_NAME = "batch"
+
+
+def _mesh_sharding(devices):
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+
+
+def local_devices():
+  """The local devices in the order `jax.pmap` uses."""
+  return jax.local_devices()
+
+
+def shard_batch(batch, devices=None):
+  """Splits a host batch [B, ...] into [n_devices, B / n_devices, ...] placed on the devices.
+
+  Raises a ValueError naming the batch size and the device count when B is not
+  divisible, rather than letting pmap fail later.
+  """
+  devices = devices or local_devices()
+  n = len(devices)
+  sharding = _mesh_sharding(devices)
+
+  def _shard(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x.ndim == 0 or x.shape[0] % n:
+      raise ValueError(
+          f"Cannot split a batch of {x.shape[0] if x.ndim else 'scalar'} examples evenly across "
+          f"{n} devices: choose a batch size divisible by {n} (the local device count).")
+    return jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), sharding)
+
+  return jax.tree.map(_shard, batch)
+
+
+def replicate(tree, devices=None):
+  """Copies every leaf of `tree` to each device, with a leading device axis."""
+  devices = devices or local_devices()
+  sharding = _mesh_sharding(devices)
+  return jax.tree.map(
+      lambda x: jax.device_put(jnp.broadcast_to(jnp.asarray(x), (len(devices),) + jnp.shape(x)),
+                               sharding), tree)
+
+
+def unreplicate(tree):
+  """The first device's copy of every leaf of a replicated tree."""
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def jit_train_step(donate: bool = True, **kwargs):
+  """`jax.jit` of `steps.train_step` with its networks/optimizers bound by keyword.
+
+  Example:
+    step = jit_train_step(model=model, dnet=dnet, tx=tx, dnet_tx=dnet_tx, learning_rate=sched)
+    state, metrics = step(state, batch, meta_batch)
+  """
+  return jax.jit(functools.partial(steps.train_step, **kwargs),
+                 donate_argnums=(0,) if donate else ())
+
+
+def jit_baseline_step(donate: bool = True, **kwargs):
+  """`jax.jit` of `steps.baseline_step` with model, tx and loss bound by keyword."""
+  return jax.jit(functools.partial(steps.baseline_step, **kwargs),
+                 donate_argnums=(0,) if donate else ())
+
+
+def jit_eval_step(**kwargs):
+  """`jax.jit` of `steps.eval_step` with the model bound by keyword."""
+  return jax.jit(functools.partial(steps.eval_step, **kwargs))
+
+
+def pmap_train_step(donate: bool = True, **kwargs):
+  """`jax.pmap` of `steps.train_step` over local devices (state replicated, batches sharded)."""
+  return jax.pmap(functools.partial(steps.train_step, axis_name=AXIS_NAME, **kwargs),
+                  axis_name=AXIS_NAME, donate_argnums=(0,) if donate else ())
+
+
+def pmap_baseline_step(donate: bool = True, **kwargs):
+  """`jax.pmap` of `steps.baseline_step` over local devices."""
+  return jax.pmap(functools.partial(steps.baseline_step, axis_name=AXIS_NAME, **kwargs),
+                  axis_name=AXIS_NAME, donate_argnums=(0,) if donate else ())
+
+
+def pmap_eval_step(**kwargs):
+  """`jax.pmap` of `steps.eval_step`; counts come back summed over devices (same on each)."""
+  return jax.pmap(functools.partial(steps.eval_step, axis_name=AXIS_NAME, **kwargs),
+                  axis_name=AXIS_NAME)
