@@ -64,7 +64,7 @@ def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def lookahead_params(params, grads, learning_rate):
   """theta_hat = theta - alpha * g: one plain SGD step (no momentum, no weight decay)."""
-  return jax.tree.map(lambda p, g: p - learning_rate * g.astype(p.dtype), params, grads)
+  return jax.tree.map(lambda p, g: (p - learning_rate * g).astype(p.dtype), params, grads)
 
 
 @dataclasses.dataclass(frozen=True)

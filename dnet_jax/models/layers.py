@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 from flax import linen as nn
 
 # BatchNorm as torch.nn.BatchNorm2d: running average with momentum 0.1 (Flax
@@ -17,7 +18,8 @@ kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype, name: str | None = None):
+def batch_norm(train: bool, axis_name: str | None, dtype, name: str | None = None,
+               param_dtype=jnp.float32):
   """BatchNorm in training (batch statistics) or evaluation (running statistics) mode.
 
   With `axis_name`, batch statistics are averaged over that mapped axis
@@ -27,4 +29,5 @@ def batch_norm(train: bool, axis_name: str | None, dtype, name: str | None = Non
   """
   return functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-      epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype, name=name)()
+      epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
+      name=name)()

@@ -30,9 +30,9 @@ class BasicBlockA(nn.Module):
         f, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)), use_bias=False,
         kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     y = conv(self.features, self.stride, "conv1")(x)
-    y = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn1")(y))
+    y = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn1", self.param_dtype)(y))
     y = conv(self.features, 1, "conv2")(y)
-    y = batch_norm(train, self.bn_axis_name, self.dtype, "bn2")(y)
+    y = batch_norm(train, self.bn_axis_name, self.dtype, "bn2", self.param_dtype)(y)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = x[:, ::self.stride, ::self.stride, :]
@@ -59,7 +59,7 @@ class CifarResNet(nn.Module):
     x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=kaiming_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="conv_init")(x)
-    x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn_init")(x))
+    x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn_init", self.param_dtype)(x))
     for stage, width in enumerate(self.widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
@@ -69,7 +69,7 @@ class CifarResNet(nn.Module):
     x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="classifier")(x)
     # Logits in float32 even under bf16 compute: the loss and its weights stay exact.
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def resnet32(num_classes: int, **kwargs) -> CifarResNet:

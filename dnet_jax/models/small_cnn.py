@@ -31,9 +31,9 @@ class SmallCNN(nn.Module):
                   use_bias=not self.use_batchnorm, kernel_init=kaiming_normal,
                   dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i + 1}")(x)
       if self.use_batchnorm:
-        x = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i + 1}")(x)
+        x = batch_norm(train, self.bn_axis_name, self.dtype, f"bn{i + 1}", self.param_dtype)(x)
       x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="classifier")(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -1,0 +1,164 @@
+"""ImageNet-layout ResNets (He et al., CVPR 2016): ResNet-10, ResNet-50, ResNet-152.
+
+The layout is torchvision's, which the ImageNet-LT / Places-LT code of OLTR
+(Liu et al., CVPR 2019), Decoupling (Kang et al., ICLR 2020) and Difficulty-Net
+build on, so that torchvision's ImageNet-pretrained weights map one-to-one onto
+these parameters (see `dnet_jax.models.pretrained`):
+
+  stem:   7x7 conv, 64, stride 2 -> BN -> ReLU -> 3x3 max-pool, stride 2
+  stages: 4 stages of widths 64, 128, 256, 512; the first block of stages 2-4
+          halves the resolution
+  head:   global average pool -> dense classifier
+
+Blocks:
+  basic      (ResNet-10/18/34): conv3x3-BN-ReLU-conv3x3-BN, expansion 1.
+  bottleneck (ResNet-50/101/152): conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN,
+             expansion 4; the stride sits on the 3x3 conv (torchvision's
+             "ResNet v1.5"; the parameter count is the same as v1's).
+Shortcuts are "option B": identity where the shape is unchanged, otherwise a
+projection (1x1 conv with the block's stride, then BN). The residual sum is
+followed by ReLU.
+
+Parameter counts at 1000 classes (conv kernels have no bias; BatchNorm scale
+and bias are parameters, its running statistics are not): ResNet-50
+25,557,032 and ResNet-152 60,192,808, as torchvision reports; ResNet-10
+(basic blocks [1, 1, 1, 1]) 5,418,792. tests/test_resnet_imagenet.py checks
+them against an independent formula.
+
+Initialisation follows torchvision: convs He-normal with fan-out, BatchNorm
+scale 1 and bias 0, the classifier PyTorch's default Linear init.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dnet_jax.models.layers import batch_norm, torch_linear_init
+
+# torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")` for the convs.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
+  pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME", which pads asymmetrically)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=kaiming_normal_fan_out, dtype=dtype, param_dtype=param_dtype,
+                 name=name)
+
+
+class _Block(nn.Module):
+  """Common fields and the option-B shortcut of both block kinds."""
+  features: int
+  stride: int = 1
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  expansion = 1
+
+  def shortcut(self, x, train: bool):
+    out_features = self.features * self.expansion
+    if self.stride == 1 and x.shape[-1] == out_features:
+      return x
+    x = _conv(out_features, 1, self.stride, self.dtype, self.param_dtype, "downsample_conv")(x)
+    return batch_norm(train, self.bn_axis_name, self.dtype, "downsample_bn")(x)
+
+
+class BasicBlock(_Block):
+  """conv3x3-BN-ReLU-conv3x3-BN + shortcut, then ReLU (expansion 1)."""
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name)
+    y = _conv(self.features, 3, self.stride, self.dtype, self.param_dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = _conv(self.features, 3, 1, self.dtype, self.param_dtype, "conv2")(y)
+    y = bn("bn2")(y)
+    return nn.relu(y + self.shortcut(x, train))
+
+
+class BottleneckBlock(_Block):
+  """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4x)-BN + shortcut, then ReLU."""
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name)
+    y = _conv(self.features, 1, 1, self.dtype, self.param_dtype, "conv1")(x)
+    y = nn.relu(bn("bn1")(y))
+    y = _conv(self.features, 3, self.stride, self.dtype, self.param_dtype, "conv2")(y)
+    y = nn.relu(bn("bn2")(y))
+    y = _conv(self.features * self.expansion, 1, 1, self.dtype, self.param_dtype, "conv3")(y)
+    y = bn("bn3")(y)
+    return nn.relu(y + self.shortcut(x, train))
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": BottleneckBlock}
+
+
+class ImageNetResNet(nn.Module):
+  """ResNet with the ImageNet stem, four stages and option-B shortcuts.
+
+  Call as `model.apply(variables, images, train=...)` with images [B, H, W, 3];
+  returns float32 logits [B, num_classes]. Parameter names: `conv_init`,
+  `bn_init`, `stage{s}_block{b}/{conv1,bn1,...,downsample_conv,downsample_bn}`
+  (s, b from 1), `classifier`; `pretrained.TORCHVISION_NAMES` maps torchvision's.
+
+  Attributes:
+    num_classes: size of the classifier.
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    block: "basic" or "bottleneck".
+    bn_axis_name: pmap axis for synchronised BatchNorm (None: per-device statistics).
+    dtype: compute dtype (e.g. bfloat16); logits are cast back to float32.
+    param_dtype: parameter dtype.
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  block: str = "bottleneck"
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.block not in BLOCKS:
+      raise ValueError(f"Unknown block {self.block!r}; choose one of {sorted(BLOCKS)}.")
+    block_cls = BLOCKS[self.block]
+    x = x.astype(self.dtype)
+    x = _conv(64, 7, 2, self.dtype, self.param_dtype, "conv_init")(x)
+    x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn_init")(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, (n_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+      for b in range(n_blocks):
+        stride = 2 if stage > 0 and b == 0 else 1
+        x = block_cls(width, stride, self.bn_axis_name, self.dtype, self.param_dtype,
+                      name=f"stage{stage + 1}_block{b + 1}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="classifier")(x)
+    # Logits in float32 even under bf16 compute: the loss and its weights stay exact.
+    return x.astype(jnp.float32)
+
+
+def resnet10(num_classes: int, **kwargs) -> ImageNetResNet:
+  """ResNet-10: basic blocks [1, 1, 1, 1] (the ImageNet-LT backbone of OLTR / Decoupling)."""
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(1, 1, 1, 1), block="basic", **kwargs)
+
+
+def resnet50(num_classes: int, **kwargs) -> ImageNetResNet:
+  """ResNet-50: bottleneck blocks [3, 4, 6, 3]."""
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 4, 6, 3), block="bottleneck",
+                        **kwargs)
+
+
+def resnet152(num_classes: int, **kwargs) -> ImageNetResNet:
+  """ResNet-152: bottleneck blocks [3, 8, 36, 3] (Places-LT, ImageNet-pretrained)."""
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 8, 36, 3), block="bottleneck",
+                        **kwargs)
