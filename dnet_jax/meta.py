@@ -37,7 +37,7 @@ single device in float64).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,12 +78,15 @@ class MetaProblem:
       (cross-entropy, or Balanced Softmax for Difficulty-Net + BS).
     driver_weight: lambda (0.3 in the paper).
     axis_name: pmap axis to average over, or None on one device.
+    remat: wrap every classifier pass in `jax.checkpoint`, so only its inputs
+      are kept for the backward passes (less memory, more compute).
   """
   model: nn.Module
-  dnet: nn.Module
+  dnet: nn.Module | None
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = losses.cross_entropy
   driver_weight: float = 0.3
   axis_name: str | None = None
+  remat: bool = False
 
   def difficulty(self, dnet_params, class_accuracy):
     """d = g_phi(a)."""
@@ -93,11 +96,16 @@ class MetaProblem:
     """w = C d / sum d."""
     return dmath.class_weights_from_difficulty(self.difficulty(dnet_params, class_accuracy))
 
+  def _maybe_remat(self, fn):
+    return jax.checkpoint(fn) if self.remat else fn
+
   def per_example_loss(self, params, batch_stats, batch, rng):
-    """(l(theta) [B], logits, new batch_stats), BatchNorm in training mode."""
-    logits, new_stats = apply_classifier(self.model, params, batch_stats, batch["image"],
-                                         train=True, rng=rng)
-    return self.loss_fn(logits, batch["label"]), (logits, new_stats)
+    """(l(theta) [B], (logits, new batch_stats)), BatchNorm in training mode."""
+    def fn(params):
+      logits, new_stats = apply_classifier(self.model, params, batch_stats, batch["image"],
+                                           train=True, rng=rng)
+      return self.loss_fn(logits, batch["label"]), (logits, new_stats)
+    return self._maybe_remat(fn)(params)
 
   def train_loss(self, params, class_weights, batch_stats, batch, rng):
     """L_train(theta, w) = (1/B) sum_i w_{y_i} l_i(theta); aux = (logits, new batch_stats)."""
@@ -106,9 +114,11 @@ class MetaProblem:
 
   def meta_cross_entropy(self, params, batch_stats, meta_batch, rng):
     """Plain mean cross-entropy on the (balanced) meta batch, BatchNorm in training mode."""
-    logits, _ = apply_classifier(self.model, params, batch_stats, meta_batch["image"],
-                                 train=True, rng=rng)
-    return jnp.mean(losses.cross_entropy(logits, meta_batch["label"]))
+    def fn(params):
+      logits, _ = apply_classifier(self.model, params, batch_stats, meta_batch["image"],
+                                   train=True, rng=rng)
+      return jnp.mean(losses.cross_entropy(logits, meta_batch["label"]))
+    return self._maybe_remat(fn)(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,42 +133,102 @@ class MetaInputs:
   rng: jax.Array
 
 
+class TrainForward(NamedTuple):
+  """The classifier's forward pass on the train batch at theta, kept for reuse.
+
+  `vjp(c)` returns (sum_i c_i grad_theta l_i,): with c = s / B it is the gradient
+  of L_train for any per-example weights s. The lookahead (old weights), the
+  meta-gradient (differentiating through it) and the real update (new weights)
+  all reuse this one forward pass: L_train is linear in the weights.
+  """
+  per_example: jax.Array
+  vjp: Callable
+  logits: jax.Array
+  batch_stats: Any
+
+
+def train_forward(problem: MetaProblem, params, batch_stats, batch, rng) -> TrainForward:
+  """Runs the classifier once on the train batch (BatchNorm in training mode)."""
+  per_example, vjp_fn, (logits, new_stats) = jax.vjp(
+      lambda p: problem.per_example_loss(p, batch_stats, batch, rng), params, has_aux=True)
+  return TrainForward(per_example, vjp_fn, logits, new_stats)
+
+
+def weighted_gradient(forward: TrainForward, class_weights, labels, axis_name=None):
+  """grad_theta L_train(theta, w) = (1/B) sum_i w_{y_i} grad l_i, averaged over axis_name."""
+  cotangent = (class_weights[labels] / labels.shape[0]).astype(forward.per_example.dtype)
+  return pmean_if(forward.vjp(cotangent)[0], axis_name)
+
+
 def meta_objective(problem: MetaProblem, dnet_params, inputs: MetaInputs):
-  """L_meta(phi) for the local batch; returns (value, aux dict of scalars).
+  """L_meta(phi) for the local batch, written out literally; returns (value, aux).
 
   The lookahead gradient inside is itself a `jax.grad`, so `jax.grad` of this
-  function is the nested (second-order) meta-gradient.
+  function is the nested (second-order) meta-gradient. This is the reference
+  definition: finite differences of it are the tests' ground truth.
   """
   train_rng, meta_rng = split_step_rng(inputs.rng)
   difficulty = problem.difficulty(dnet_params, inputs.class_accuracy)
   weights = dmath.class_weights_from_difficulty(difficulty)
-  grads, train_loss = _grad_with_value(problem, inputs, weights, train_rng)
+
+  def train_loss(params):
+    value, _ = problem.train_loss(params, weights, inputs.batch_stats, inputs.batch, train_rng)
+    return value, value
+
+  grads, train_loss_value = jax.grad(train_loss, has_aux=True)(inputs.params)
   grads = pmean_if(grads, problem.axis_name)
   theta_hat = lookahead_params(inputs.params, grads, inputs.learning_rate)
   meta_ce = problem.meta_cross_entropy(theta_hat, inputs.batch_stats, inputs.meta_batch, meta_rng)
   drv = dmath.driver_loss(difficulty, inputs.class_accuracy)
   value = meta_ce + problem.driver_weight * drv
-  return value, {"meta_ce": meta_ce, "driver_loss": drv, "lookahead_train_loss": train_loss}
+  return value, {"meta_ce": meta_ce, "driver_loss": drv, "lookahead_train_loss": train_loss_value}
 
 
-def _grad_with_value(problem: MetaProblem, inputs: MetaInputs, weights, rng):
-  def loss(params):
-    value, _ = problem.train_loss(params, weights, inputs.batch_stats, inputs.batch, rng)
-    return value, value
-  return jax.grad(loss, has_aux=True)(inputs.params)
-
-
-def nested_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs):
-  """dL_meta/dphi by `jax.grad` through the lookahead (reverse-over-reverse)."""
+def reference_nested_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs):
+  """`jax.grad(meta_objective)`: the literal nested form, recomputing every pass."""
   grads, aux = jax.grad(meta_objective, argnums=1, has_aux=True)(problem, dnet_params, inputs)
   return pmean_if(grads, problem.axis_name), aux
 
 
-def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs):
+def nested_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
+                         forward: TrainForward | None = None):
+  """dL_meta/dphi by `jax.grad` through the lookahead gradient (reverse-over-reverse).
+
+  The lookahead gradient is the VJP of the shared train forward pass with
+  cotangent w(phi)[y] / B; `jax.grad` differentiates through that VJP (which
+  XLA runs as one tangent pass over the saved activations), so no classifier
+  pass is recomputed. Equals `reference_nested_meta_gradient` (tested).
+  """
+  train_rng, meta_rng = split_step_rng(inputs.rng)
+  if forward is None:
+    forward = train_forward(problem, inputs.params, inputs.batch_stats, inputs.batch, train_rng)
+  labels = inputs.batch["label"]
+
+  def objective(phi):
+    difficulty = problem.difficulty(phi, inputs.class_accuracy)
+    weights = dmath.class_weights_from_difficulty(difficulty)
+    grads = weighted_gradient(forward, weights, labels, problem.axis_name)
+    theta_hat = lookahead_params(inputs.params, grads, inputs.learning_rate)
+    meta_ce = problem.meta_cross_entropy(theta_hat, inputs.batch_stats, inputs.meta_batch, meta_rng)
+    drv = dmath.driver_loss(difficulty, inputs.class_accuracy)
+    train_loss = losses.weighted_mean(forward.per_example, weights, labels)
+    return meta_ce + problem.driver_weight * drv, {
+        "meta_ce": meta_ce, "driver_loss": drv, "lookahead_train_loss": train_loss}
+
+  grads, aux = jax.grad(objective, has_aux=True)(dnet_params)
+  return pmean_if(grads, problem.axis_name), aux
+
+
+def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
+                      forward: TrainForward | None = None):
   """dL_meta/dphi by the forward-mode identity (see the module docstring).
 
     dL/ds_i = -(alpha / B) (J v)_i,   J = d l / d theta [B x P],   v = grad CE_meta(theta_hat),
     dL/dw_c = sum_{i: y_i = c} dL/ds_i,   dL/dphi = VJP_{phi -> w}(dL/dw) + lambda dL_dr/dphi.
+
+  J v is ONE `jax.jvp` of the per-example loss vector at theta in direction v.
+  Without `forward` the function computes everything afresh (the tests' oracle);
+  with it, J v is the transpose of the shared forward's VJP (no new forward pass).
   """
   train_rng, meta_rng = split_step_rng(inputs.rng)
   labels = inputs.batch["label"]
@@ -171,27 +241,33 @@ def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs):
   difficulty, difficulty_vjp = jax.vjp(
       lambda phi: problem.difficulty(phi, inputs.class_accuracy), dnet_params)
   weights, weights_vjp = jax.vjp(dmath.class_weights_from_difficulty, difficulty)
-  per_example_values, per_example_vjp = jax.vjp(per_example, inputs.params)
-  sample_weights = weights[labels]
-  (grads,) = per_example_vjp((sample_weights / batch_size).astype(per_example_values.dtype))
-  grads = pmean_if(grads, problem.axis_name)
+  shared = forward is not None
+  if not shared:
+    per_example_values, vjp_fn = jax.vjp(per_example, inputs.params)
+    forward = TrainForward(per_example_values, vjp_fn, None, None)
+  grads = weighted_gradient(forward, weights, labels, problem.axis_name)
   theta_hat = lookahead_params(inputs.params, grads, inputs.learning_rate)
   meta_ce, v = jax.value_and_grad(problem.meta_cross_entropy)(
       theta_hat, inputs.batch_stats, inputs.meta_batch, meta_rng)
   v = pmean_if(v, problem.axis_name)
-  _, jv = jax.jvp(per_example, (inputs.params,), (v,))
+  if shared:
+    (jv,) = jax.linear_transpose(forward.vjp, forward.per_example)((v,))
+  else:
+    _, jv = jax.jvp(per_example, (inputs.params,), (v,))
   d_sample_weights = -(inputs.learning_rate / batch_size) * jv
   d_weights = jax.ops.segment_sum(d_sample_weights, labels, num_segments=num_classes)
   (d_difficulty,) = weights_vjp(d_weights.astype(weights.dtype))
   drv, d_driver = jax.value_and_grad(dmath.driver_loss)(difficulty, inputs.class_accuracy)
   (grads_phi,) = difficulty_vjp(d_difficulty + problem.driver_weight * d_driver)
   aux = {"meta_ce": meta_ce, "driver_loss": drv,
-         "lookahead_train_loss": jnp.mean(sample_weights * per_example_values)}
+         "lookahead_train_loss": losses.weighted_mean(forward.per_example, weights, labels)}
   return pmean_if(grads_phi, problem.axis_name), aux
 
 
-def driver_only_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs):
+def driver_only_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
+                              forward: TrainForward | None = None):
   """The public code's effective gradient: lambda * grad_phi L_dr; no lookahead."""
+  del forward  # the classifier plays no part
   def objective(phi):
     drv = dmath.driver_loss(problem.difficulty(phi, inputs.class_accuracy), inputs.class_accuracy)
     return problem.driver_weight * drv, drv
@@ -206,8 +282,17 @@ _MODES = {
 }
 
 
-def meta_gradient(mode: str, problem: MetaProblem, dnet_params, inputs: MetaInputs):
-  """dL_meta/dphi (averaged over `problem.axis_name`) and aux scalars, by mode."""
+def check_meta_grad_mode(mode: str) -> None:
+  """Raises a ValueError naming the valid modes if `mode` is not one of them."""
   if mode not in _MODES:
     raise ValueError(f"Unknown meta-gradient mode {mode!r}; choose one of {', '.join(META_GRAD_MODES)}.")
-  return _MODES[mode](problem, dnet_params, inputs)
+
+
+def meta_gradient(mode: str, problem: MetaProblem, dnet_params, inputs: MetaInputs,
+                  forward: TrainForward | None = None):
+  """dL_meta/dphi (averaged over `problem.axis_name`) and aux scalars, by mode.
+
+  Pass the step's shared `forward` (from `train_forward`) to reuse its forward pass.
+  """
+  check_meta_grad_mode(mode)
+  return _MODES[mode](problem, dnet_params, inputs, forward)

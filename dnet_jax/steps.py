@@ -19,7 +19,8 @@ from flax import linen as nn
 from dnet_jax import difficulty as dmath
 from dnet_jax import losses
 from dnet_jax.apply import apply_classifier
-from dnet_jax.meta import MetaInputs, MetaProblem, meta_gradient, pmean_if, split_step_rng
+from dnet_jax import meta
+from dnet_jax.meta import MetaInputs, MetaProblem, pmean_if, split_step_rng
 from dnet_jax.state import TrainState
 
 LearningRate = float | Callable[[jax.Array], jax.Array]
@@ -36,26 +37,22 @@ def _step_key(state: TrainState, axis_name: str | None) -> jax.Array:
   return key
 
 
-def _classifier_update(state: TrainState, batch, class_weights, *, model, tx, loss_fn,
-                       axis_name, rng):
-  """Real update of theta on L_train(theta, w) with `tx`; BatchNorm statistics updated.
+def _classifier_update(state: TrainState, forward: meta.TrainForward, labels, class_weights, *,
+                       tx, axis_name):
+  """Real update of theta on L_train(theta, w) with `tx`, from the shared forward pass.
 
   Returns the new (params, batch_stats, opt_state) and the step's scalar metrics.
+  BatchNorm statistics are the ones this forward pass produced.
   """
-  problem = MetaProblem(model=model, dnet=None, loss_fn=loss_fn, axis_name=axis_name)
-  grad_fn = jax.value_and_grad(problem.train_loss, has_aux=True)
-  (loss, (logits, batch_stats)), grads = grad_fn(state.params, class_weights,
-                                                 state.batch_stats, batch, rng)
-  grads = pmean_if(grads, axis_name)
+  grads = meta.weighted_gradient(forward, class_weights, labels, axis_name)
   # Per-device running statistics are averaged (a no-op with synchronised BatchNorm).
-  batch_stats = pmean_if(batch_stats, axis_name)
+  batch_stats = pmean_if(forward.batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  labels = batch["label"]
   metrics = {
-      "train_loss": loss,
-      "ce": jnp.mean(losses.cross_entropy(logits, labels)),
-      "batch_accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+      "train_loss": losses.weighted_mean(forward.per_example, class_weights, labels),
+      "ce": jnp.mean(losses.cross_entropy(forward.logits, labels)),
+      "batch_accuracy": jnp.mean((jnp.argmax(forward.logits, -1) == labels).astype(jnp.float32)),
       "grad_norm": optax.global_norm(grads),
       "weight_min": jnp.min(class_weights),
       "weight_max": jnp.max(class_weights),
@@ -67,7 +64,8 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
                dnet: nn.Module, tx: optax.GradientTransformation,
                dnet_tx: optax.GradientTransformation, learning_rate: LearningRate,
                loss_fn: losses.LossFn = losses.cross_entropy, driver_weight: float = 0.3,
-               meta_grad: str = "nested", axis_name: str | None = None):
+               meta_grad: str = "nested", meta_interval: int = 1, remat: bool = False,
+               axis_name: str | None = None):
   """One Difficulty-Net iteration (METHOD.md steps 1-4; Sinha & Ohashi, WACV 2023, Alg. 1).
 
     1. d = g_phi(a), w = C d / sum d, L_train(theta, phi) = (1/B) sum_i w_{y_i} l_i(theta).
@@ -76,6 +74,10 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
        with the gradient through the lookahead (`meta_grad`, see `dnet_jax.meta`).
     4. w' = w(phi_new) (no gradient to phi); theta <- tx step on L_train(theta, w');
        BatchNorm running statistics updated.
+
+  The classifier's forward pass on the train batch runs once and serves steps
+  1, 2, 3 and 4 (L_train is linear in the weights, so only the cotangent of its
+  VJP changes between the lookahead and the real update).
 
   Args:
     state: the `TrainState` (classifier, Difficulty-Net, optimizers, accuracy, step, key).
@@ -91,29 +93,49 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
     driver_weight: lambda.
     meta_grad: "nested" (default), "jvp" (same value, forward mode) or
       "driver_only" (the public code: Difficulty-Net trained by L_dr alone).
+    meta_interval: update Difficulty-Net only on steps where step % k == 0 (k = 1,
+      the default, is the exact method); other steps train theta with the current
+      weights and skip the lookahead. metrics["meta_updated"] says which.
+    remat: `jax.checkpoint` every classifier pass (memory for compute).
     axis_name: the pmap axis; gradients are averaged and counts summed over it.
 
   Returns:
     (new_state, metrics): metrics is a dict of scalars (device arrays).
   """
+  meta.check_meta_grad_mode(meta_grad)
+  if meta_interval < 1:
+    raise ValueError(f"meta_interval must be a positive integer, got {meta_interval}.")
   key = _step_key(state, axis_name)
   train_rng, _ = split_step_rng(key)
   alpha = _learning_rate(learning_rate, state.step)
   problem = MetaProblem(model=model, dnet=dnet, loss_fn=loss_fn, driver_weight=driver_weight,
-                        axis_name=axis_name)
+                        axis_name=axis_name, remat=remat)
   inputs = MetaInputs(params=state.params, batch_stats=state.batch_stats,
                       class_accuracy=state.class_accuracy, batch=batch, meta_batch=meta_batch,
                       learning_rate=alpha, rng=key)
-  dnet_grads, meta_metrics = meta_gradient(meta_grad, problem, state.dnet_params, inputs)
-  dnet_updates, dnet_opt_state = dnet_tx.update(dnet_grads, state.dnet_opt_state, state.dnet_params)
-  dnet_params = optax.apply_updates(state.dnet_params, dnet_updates)
+  forward = meta.train_forward(problem, state.params, state.batch_stats, batch, train_rng)
+
+  def meta_update(_):
+    dnet_grads, aux = meta.meta_gradient(meta_grad, problem, state.dnet_params, inputs, forward)
+    updates, dnet_opt_state = dnet_tx.update(dnet_grads, state.dnet_opt_state, state.dnet_params)
+    aux = dict(aux, dnet_grad_norm=optax.global_norm(dnet_grads),
+               meta_updated=jnp.ones((), jnp.float32))
+    return optax.apply_updates(state.dnet_params, updates), dnet_opt_state, aux
+
+  if meta_interval == 1:
+    dnet_params, dnet_opt_state, meta_metrics = meta_update(None)
+  else:
+    def skip(_):
+      shapes = jax.eval_shape(meta_update, None)[2]
+      aux = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+      return state.dnet_params, state.dnet_opt_state, aux
+    dnet_params, dnet_opt_state, meta_metrics = jax.lax.cond(
+        state.step % meta_interval == 0, meta_update, skip, None)
 
   weights = jax.lax.stop_gradient(problem.class_weights(dnet_params, state.class_accuracy))
   params, batch_stats, opt_state, metrics = _classifier_update(
-      state, batch, weights, model=model, tx=tx, loss_fn=loss_fn, axis_name=axis_name,
-      rng=train_rng)
+      state, forward, batch["label"], weights, tx=tx, axis_name=axis_name)
   metrics.update(meta_metrics)
-  metrics["dnet_grad_norm"] = optax.global_norm(dnet_grads)
   metrics["learning_rate"] = alpha
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, dnet_params=dnet_params,
@@ -141,9 +163,10 @@ def baseline_step(state: TrainState, batch: dict, *, model: nn.Module,
   else:
     weights = jax.lax.stop_gradient(class_weights_fn(state.class_accuracy))
   train_rng, _ = split_step_rng(_step_key(state, axis_name))
+  problem = MetaProblem(model=model, dnet=None, loss_fn=loss_fn, axis_name=axis_name)
+  forward = meta.train_forward(problem, state.params, state.batch_stats, batch, train_rng)
   params, batch_stats, opt_state, metrics = _classifier_update(
-      state, batch, weights, model=model, tx=tx, loss_fn=loss_fn, axis_name=axis_name,
-      rng=train_rng)
+      state, forward, batch["label"], weights, tx=tx, axis_name=axis_name)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
   return new_state, pmean_if(metrics, axis_name)

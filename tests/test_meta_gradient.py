@@ -47,13 +47,15 @@ def test_nested_matches_central_finite_differences_float64_with_batchnorm():
     model = TinyConvNet(NUM_CLASSES, use_batchnorm=True, param_dtype=jnp.float64)
     problem, inputs, phi = _problem_and_inputs(model, jnp.float64)
     grads, _ = jax.jit(lambda p: meta.nested_meta_gradient(problem, p, inputs))(phi)
+    reference, _ = jax.jit(lambda p: meta.reference_nested_meta_gradient(problem, p, inputs))(phi)
     flat, unravel = ravel_pytree(phi)
     objective = jax.jit(lambda f: meta.meta_objective(problem, unravel(f), inputs)[0])
     h = 1e-5
     eye = np.eye(flat.size)
     fd = np.array([(objective(flat + h * e) - objective(flat - h * e)) / (2 * h) for e in eye])
-    g = np.asarray(ravel_pytree(grads)[0])
-    assert np.linalg.norm(fd - g) / np.linalg.norm(fd) < 1e-5
+    for g in (grads, reference):  # the step's (shared-forward) form and the literal form
+      g = np.asarray(ravel_pytree(g)[0])
+      assert np.linalg.norm(fd - g) / np.linalg.norm(fd) < 1e-5
     # The second-order (meta cross-entropy) part is a real share of the gradient, so this test
     # would catch a meta-gradient that dropped it (as the public code does).
     driver_only, _ = meta.driver_only_meta_gradient(problem, phi, inputs)
@@ -69,6 +71,17 @@ def test_forward_mode_oracle_matches_nested_float64(use_batchnorm):
     jvp, aux_j = jax.jit(lambda p: meta.jvp_meta_gradient(problem, p, inputs))(phi)
     assert _rel_err(jvp, nested) < 1e-8
     np.testing.assert_allclose(aux_j["meta_ce"], aux_n["meta_ce"], rtol=1e-12)
+    reference, _ = jax.jit(lambda p: meta.reference_nested_meta_gradient(problem, p, inputs))(phi)
+    assert _rel_err(jvp, reference) < 1e-8
+
+    # The step's shared-forward forms agree too.
+    def shared(mode, p):
+      train_rng, _ = meta.split_step_rng(inputs.rng)
+      forward = meta.train_forward(problem, inputs.params, inputs.batch_stats, inputs.batch,
+                                   train_rng)
+      return meta.meta_gradient(mode, problem, p, inputs, forward)[0]
+    assert _rel_err(jax.jit(lambda p: shared("jvp", p))(phi), jvp) < 1e-8
+    assert _rel_err(jax.jit(lambda p: shared("nested", p))(phi), jvp) < 1e-8
 
 
 def test_forward_mode_oracle_matches_nested_for_a_user_mlp_float64():
