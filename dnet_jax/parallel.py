@@ -21,9 +21,11 @@ from dnet_jax import steps
 AXIS_NAME = "batch"
 
 
-def _mesh_sharding(devices):
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+@functools.lru_cache(maxsize=None)
+def _pmap_identity(devices: tuple):
+  # Placing arrays with pmap itself gives them exactly the sharding that pmapped
+  # steps return, so a step's output can be fed back without a recompilation.
+  return jax.pmap(lambda x: x, axis_name=AXIS_NAME, devices=list(devices))
 
 
 def local_devices():
@@ -37,9 +39,8 @@ def shard_batch(batch, devices=None):
   Raises a ValueError naming the batch size and the device count when B is not
   divisible, rather than letting pmap fail later.
   """
-  devices = devices or local_devices()
+  devices = tuple(devices or local_devices())
   n = len(devices)
-  sharding = _mesh_sharding(devices)
 
   def _shard(x):
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
@@ -47,18 +48,17 @@ def shard_batch(batch, devices=None):
       raise ValueError(
           f"Cannot split a batch of {x.shape[0] if x.ndim else 'scalar'} examples evenly across "
           f"{n} devices: choose a batch size divisible by {n} (the local device count).")
-    return jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), sharding)
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
 
-  return jax.tree.map(_shard, batch)
+  return _pmap_identity(devices)(jax.tree.map(_shard, batch))
 
 
 def replicate(tree, devices=None):
   """Copies every leaf of `tree` to each device, with a leading device axis."""
-  devices = devices or local_devices()
-  sharding = _mesh_sharding(devices)
-  return jax.tree.map(
-      lambda x: jax.device_put(jnp.broadcast_to(jnp.asarray(x), (len(devices),) + jnp.shape(x)),
-                               sharding), tree)
+  devices = tuple(devices or local_devices())
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)),
+                         tree)
+  return _pmap_identity(devices)(stacked)
 
 
 def unreplicate(tree):
