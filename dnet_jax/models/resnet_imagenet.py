@@ -6,7 +6,7 @@ build on, so that torchvision's ImageNet-pretrained weights map one-to-one onto
 these parameters (see `dnet_jax.models.pretrained`):
 
   stem:   7x7 conv, 64, stride 2 -> BN -> ReLU -> 3x3 max-pool, stride 2
-  stages: 4 stages of widths 64, 128, 256, 512; the first block of stages 2-4
+  stages: 4 stages of widths 64, 128, 256, 512 (x expansion); the first block of stages 2-4
           halves the resolution
   head:   global average pool -> dense classifier
 
@@ -41,11 +41,13 @@ from dnet_jax.models.layers import batch_norm, torch_linear_init
 # torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")` for the convs.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-STAGE_WIDTHS = (64, 128, 256, 512)
+# Stage widths are (1, 2, 4, 8) x the base width (64 in every published ResNet).
+STAGE_MULTIPLIERS = (1, 2, 4, 8)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
-  pad = kernel // 2  # explicit symmetric padding, as PyTorch (not "SAME", which pads asymmetrically)
+  # Symmetric padding as PyTorch; "SAME" would pad asymmetrically for stride 2 on even sizes.
+  pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
                  kernel_init=kaiming_normal_fan_out, dtype=dtype, param_dtype=param_dtype,
@@ -59,6 +61,7 @@ class _Block(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  stride_in_1x1: bool = False  # bottleneck only: ResNet v1 / Caffe layout
 
   expansion = 1
 
@@ -85,15 +88,20 @@ class BasicBlock(_Block):
 
 
 class BottleneckBlock(_Block):
-  """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4x)-BN + shortcut, then ReLU."""
+  """conv1x1-BN-ReLU-conv3x3(stride)-BN-ReLU-conv1x1(4x)-BN + shortcut, then ReLU.
+
+  With `stride_in_1x1` the stride moves to the first 1x1 conv (the original
+  ResNet v1 and the Caffe models; same parameters, different network).
+  """
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = lambda name: batch_norm(train, self.bn_axis_name, self.dtype, name)
-    y = _conv(self.features, 1, 1, self.dtype, self.param_dtype, "conv1")(x)
+    stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+    y = _conv(self.features, 1, stride_1x1, self.dtype, self.param_dtype, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = _conv(self.features, 3, self.stride, self.dtype, self.param_dtype, "conv2")(y)
+    y = _conv(self.features, 3, stride_3x3, self.dtype, self.param_dtype, "conv2")(y)
     y = nn.relu(bn("bn2")(y))
     y = _conv(self.features * self.expansion, 1, 1, self.dtype, self.param_dtype, "conv3")(y)
     y = bn("bn3")(y)
@@ -109,7 +117,7 @@ class ImageNetResNet(nn.Module):
   Call as `model.apply(variables, images, train=...)` with images [B, H, W, 3];
   returns float32 logits [B, num_classes]. Parameter names: `conv_init`,
   `bn_init`, `stage{s}_block{b}/{conv1,bn1,...,downsample_conv,downsample_bn}`
-  (s, b from 1), `classifier`; `pretrained.TORCHVISION_NAMES` maps torchvision's.
+  (s, b from 1), `classifier`; `pretrained.from_torchvision_state_dict` maps torchvision's.
 
   Attributes:
     num_classes: size of the classifier.
@@ -118,6 +126,11 @@ class ImageNetResNet(nn.Module):
     bn_axis_name: pmap axis for synchronised BatchNorm (None: per-device statistics).
     dtype: compute dtype (e.g. bfloat16); logits are cast back to float32.
     param_dtype: parameter dtype.
+    stride_in_1x1: bottleneck blocks stride on their first 1x1 conv (ResNet v1 /
+      Caffe-converted weights) instead of the 3x3 conv (torchvision, the default).
+    width: base width: the stem has `width` channels and stage s has
+      `width * 2**(s-1)` (times the expansion); 64 is the standard ResNet, smaller
+      values give the same depth cheaply (tests).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -125,21 +138,27 @@ class ImageNetResNet(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  stride_in_1x1: bool = False
+  width: int = 64
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.block not in BLOCKS:
       raise ValueError(f"Unknown block {self.block!r}; choose one of {sorted(BLOCKS)}.")
+    if not 1 <= len(self.stage_sizes) <= len(STAGE_MULTIPLIERS):
+      raise ValueError(f"stage_sizes must have 1 to {len(STAGE_MULTIPLIERS)} entries, "
+                       f"got {tuple(self.stage_sizes)}.")
     block_cls = BLOCKS[self.block]
     x = x.astype(self.dtype)
-    x = _conv(64, 7, 2, self.dtype, self.param_dtype, "conv_init")(x)
+    x = _conv(self.width, 7, 2, self.dtype, self.param_dtype, "conv_init")(x)
     x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for stage, (n_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+    for stage, n_blocks in enumerate(self.stage_sizes):
+      width = self.width * STAGE_MULTIPLIERS[stage]
       for b in range(n_blocks):
         stride = 2 if stage > 0 and b == 0 else 1
         x = block_cls(width, stride, self.bn_axis_name, self.dtype, self.param_dtype,
-                      name=f"stage{stage + 1}_block{b + 1}")(x, train)
+                      self.stride_in_1x1, name=f"stage{stage + 1}_block{b + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="classifier")(x)

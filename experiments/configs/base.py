@@ -1,0 +1,122 @@
+"""Every field of an experiment, with the paper's CIFAR-LT defaults.
+
+Not meant to be run directly: the dataset configs (`digits_lt.py`,
+`cifar10_lt.py`, `cifar100_lt.py`) start from `get_config()` here and change
+what differs. Any field can be overridden on the command line, e.g.
+
+  python -m experiments.train --config=experiments/configs/cifar100_lt.py \
+    --workdir=runs/c100 --config.method=ce --config.data.imbalance_factor=50
+
+Field reference (see METHOD.md for the maths):
+
+  method            difficulty_net | difficulty_net_bs | ce | class_balanced |
+                    cdb | focal | balanced_softmax  (experiments/methods.py)
+  meta_grad         nested (paper, default) | jvp (same value, forward mode) |
+                    driver_only (the public code: Difficulty-Net trained by the
+                    driver loss alone)
+  driver_weight     lambda of the driver loss (0.3)
+  meta_interval     update Difficulty-Net every k-th step only (1 = every step,
+                    the exact method; larger k trades fidelity for speed)
+  remat             rematerialise the classifier passes of the meta-gradient
+                    (jax.checkpoint: less memory, more compute)
+  dnet.*            Difficulty-Net: kind relative|absolute, hidden widths,
+                    use_bias, Adam lr and L2 weight decay
+  cdb_tau           CDB loss exponent: "dynamic" or a number ("1.5" on the
+                    command line; the field is a string)
+  focal_gamma       focal loss gamma
+  cb_beta           class-balanced (effective number) beta
+  model, dtype      classifier by name (dnet_jax.models.MODEL_NAMES) and its
+                    compute dtype (float32 | bfloat16)
+  sync_batchnorm    average BatchNorm batch statistics over devices, so that
+                    n devices behave like one device with the global batch
+  data.*            dnet_jax.data.load_long_tailed's config: source, name,
+                    data_dir, imbalance_factor, protocol, meta_per_class,
+                    n_max (0 = automatic), seed, digits_test_per_class
+  many_threshold,   shot groups: many-shot n_c > many_threshold, few-shot
+  few_threshold     n_c < few_threshold, medium the rest (train counts)
+  num_epochs, batch_size, meta_batch_size, eval_batch_size
+                    global batch sizes (split over the local devices)
+  learning_rate, momentum, nesterov, weight_decay
+                    classifier SGD
+  lr_schedule       step (warm-up, then x lr_decay_factor at lr_decay_epochs)
+                    | cosine (warm-up, cosine to 0) | constant
+  augment           4-pixel padded random crop + horizontal flip (on device)
+  augment_meta      augment the meta batches too (the public code does)
+  cutout_size       Cutout square size after crop/flip (0 = off)
+  seed              initialisation, data order, meta batches, augmentation
+  max_steps         stop after this many steps in total (0 = no limit; tests)
+  log_every_steps   how often metrics are fetched from the device and written
+  checkpoint_every_epochs, max_checkpoints_to_keep
+  compare_with      a CE run's workdir (or its results.json) to plot the
+                    per-class test accuracy against
+  progress_bar      tqdm progress bar on the terminal
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The paper's CIFAR-LT recipe on CIFAR-10-LT, rho = 100 (ResNet-32, 200 epochs)."""
+  config = ml_collections.ConfigDict()
+
+  # Method.
+  config.method = "difficulty_net"
+  config.meta_grad = "nested"
+  config.driver_weight = 0.3
+  config.meta_interval = 1
+  config.remat = False
+  config.dnet = ml_collections.ConfigDict()
+  config.dnet.kind = "relative"
+  config.dnet.hidden = (128, 128)
+  config.dnet.use_bias = False
+  config.dnet.lr = 1e-5
+  config.dnet.weight_decay = 1e-4
+  config.cdb_tau = "dynamic"
+  config.focal_gamma = 1.0
+  config.cb_beta = 0.9999
+
+  # Model.
+  config.model = "resnet32"
+  config.dtype = "float32"
+  config.sync_batchnorm = True
+
+  # Data.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"
+  config.data.name = "cifar10"
+  config.data.data_dir = ""
+  config.data.imbalance_factor = 100.0
+  config.data.protocol = "public"
+  config.data.meta_per_class = 25
+  config.data.n_max = 0
+  config.data.seed = 0
+  config.data.digits_test_per_class = 50
+  config.many_threshold = 100
+  config.few_threshold = 20
+
+  # Optimisation.
+  config.num_epochs = 200
+  config.batch_size = 128
+  config.meta_batch_size = 100
+  config.eval_batch_size = 500
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = False
+  config.weight_decay = 2e-4
+  config.lr_schedule = "step"
+  config.warmup_epochs = 5
+  config.lr_decay_epochs = (160, 180)
+  config.lr_decay_factor = 0.1
+  config.augment = True
+  config.augment_meta = True
+  config.cutout_size = 0
+
+  # Run.
+  config.seed = 0
+  config.max_steps = 0
+  config.log_every_steps = 50
+  config.checkpoint_every_epochs = 1
+  config.max_checkpoints_to_keep = 3
+  config.compare_with = ""
+  config.progress_bar = True
+  return config
