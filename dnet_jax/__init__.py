@@ -8,7 +8,8 @@ from dnet_jax.losses import (balanced_softmax_cross_entropy, cross_entropy, foca
 from dnet_jax.meta import META_GRAD_MODES, MetaInputs, MetaProblem, meta_gradient, meta_objective
 from dnet_jax.models import AbsoluteDifficultyNet, DifficultyNet, build_difficulty_net
 from dnet_jax.optim import classifier_optimizer, cosine_schedule, dnet_optimizer, warmup_step_schedule
-from dnet_jax.parallel import (jit_baseline_step, jit_eval_step, jit_train_step, pmap_baseline_step,
+from dnet_jax.parallel import (MetaIntervalStep, jit_baseline_step, jit_eval_step, jit_meta_interval_step,
+                               jit_train_step, pmap_baseline_step, pmap_meta_interval_step,
                                pmap_eval_step, pmap_train_step, replicate, shard_batch, unreplicate)
 from dnet_jax.state import TrainState, create_train_state
 from dnet_jax.steps import baseline_step, eval_step, train_step, with_class_accuracy

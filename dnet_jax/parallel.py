@@ -77,6 +77,49 @@ def jit_train_step(donate: bool = True, **kwargs):
                  donate_argnums=(0,) if donate else ())
 
 
+class MetaIntervalStep:
+  """Updates Difficulty-Net every k-th step only: `train_step` exactly on steps with
+  step % k == 0, and `train_step(update_dnet=False)` (theta on the current weights,
+  no lookahead) on the others. With k = 1 it is the exact method.
+
+  The choice is made on the host from a step counter read once from the state on
+  the first call (one device sync), so both variants stay fast, separately
+  compiled executables. Call `reset()` after loading a different state.
+  """
+
+  def __init__(self, meta_fn, plain_fn, interval: int):
+    if interval < 1:
+      raise ValueError(f"meta_interval must be a positive integer, got {interval}.")
+    self.interval = interval
+    self._meta_fn, self._plain_fn = meta_fn, plain_fn
+    self._next_step = None
+
+  def reset(self) -> None:
+    self._next_step = None
+
+  def uses_meta_update(self, step: int) -> bool:
+    return step % self.interval == 0
+
+  def __call__(self, state, batch, meta_batch):
+    if self._next_step is None:
+      self._next_step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+    fn = self._meta_fn if self.uses_meta_update(self._next_step) else self._plain_fn
+    self._next_step += 1
+    return fn(state, batch, meta_batch)
+
+
+def jit_meta_interval_step(meta_interval: int, donate: bool = True, **kwargs) -> MetaIntervalStep:
+  """`MetaIntervalStep` over two `jax.jit`-compiled train steps (kwargs as `jit_train_step`)."""
+  return MetaIntervalStep(jit_train_step(donate, **kwargs),
+                          jit_train_step(donate, update_dnet=False, **kwargs), meta_interval)
+
+
+def pmap_meta_interval_step(meta_interval: int, donate: bool = True, **kwargs) -> MetaIntervalStep:
+  """`MetaIntervalStep` over two `jax.pmap`-compiled train steps."""
+  return MetaIntervalStep(pmap_train_step(donate, **kwargs),
+                          pmap_train_step(donate, update_dnet=False, **kwargs), meta_interval)
+
+
 def jit_baseline_step(donate: bool = True, **kwargs):
   """`jax.jit` of `steps.baseline_step` with model, tx and loss bound by keyword."""
   return jax.jit(functools.partial(steps.baseline_step, **kwargs),

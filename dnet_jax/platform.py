@@ -14,9 +14,14 @@ import os
 # name -> XLA flags. "default" is what the runner and benchmark use unless told otherwise.
 CPU_PRESETS = {
     "none": (),
-    "xnnpack": ("--xla_cpu_use_xnnpack=true",),
+    # oneDNN thunks for matmul and convolution fusions.
     "onednn": ("--xla_cpu_use_onednn=true",),
-    "fast_math": ("--xla_cpu_enable_fast_math=false",),
+    # oneDNN custom calls (convolutions) in the thunk runtime.
+    "onednn_custom_call": ("--xla_cpu_experimental_onednn_custom_call=true",),
+    "onednn_all": ("--xla_cpu_use_onednn=true", "--xla_cpu_experimental_onednn_custom_call=true"),
+    # Greedy extraction of XNNPACK subgraphs.
+    "xnn_graph": ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",),
+    "vector512": ("--xla_cpu_prefer_vector_width=512",),
 }
 CPU_PRESETS["default"] = CPU_PRESETS["none"]
 

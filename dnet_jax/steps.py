@@ -64,7 +64,7 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
                dnet: nn.Module, tx: optax.GradientTransformation,
                dnet_tx: optax.GradientTransformation, learning_rate: LearningRate,
                loss_fn: losses.LossFn = losses.cross_entropy, driver_weight: float = 0.3,
-               meta_grad: str = "nested", meta_interval: int = 1, remat: bool = False,
+               meta_grad: str = "nested", update_dnet: bool = True, remat: bool = False,
                axis_name: str | None = None):
   """One Difficulty-Net iteration (METHOD.md steps 1-4; Sinha & Ohashi, WACV 2023, Alg. 1).
 
@@ -93,9 +93,13 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
     driver_weight: lambda.
     meta_grad: "nested" (default), "jvp" (same value, forward mode) or
       "driver_only" (the public code: Difficulty-Net trained by L_dr alone).
-    meta_interval: update Difficulty-Net only on steps where step % k == 0 (k = 1,
-      the default, is the exact method); other steps train theta with the current
-      weights and skip the lookahead. metrics["meta_updated"] says which.
+    update_dnet: False skips steps 2-3 (no lookahead, Difficulty-Net unchanged)
+      and trains theta with the current weights. `MetaIntervalStep` uses it to
+      update Difficulty-Net only every k-th step; True (the default) is the exact
+      method. It is a Python bool, not a traced value: XLA:CPU runs a
+      `lax.cond` around the meta step about 50x slower, so the two variants
+      are compiled separately and chosen on the host. metrics["meta_updated"]
+      says which ran.
     remat: `jax.checkpoint` every classifier pass (memory for compute).
     axis_name: the pmap axis; gradients are averaged and counts summed over it.
 
@@ -103,8 +107,6 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
     (new_state, metrics): metrics is a dict of scalars (device arrays).
   """
   meta.check_meta_grad_mode(meta_grad)
-  if meta_interval < 1:
-    raise ValueError(f"meta_interval must be a positive integer, got {meta_interval}.")
   key = _step_key(state, axis_name)
   train_rng, _ = split_step_rng(key)
   alpha = _learning_rate(learning_rate, state.step)
@@ -122,15 +124,12 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
                meta_updated=jnp.ones((), jnp.float32))
     return optax.apply_updates(state.dnet_params, updates), dnet_opt_state, aux
 
-  if meta_interval == 1:
+  if update_dnet:
     dnet_params, dnet_opt_state, meta_metrics = meta_update(None)
-  else:
-    def skip(_):
-      shapes = jax.eval_shape(meta_update, None)[2]
-      aux = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-      return state.dnet_params, state.dnet_opt_state, aux
-    dnet_params, dnet_opt_state, meta_metrics = jax.lax.cond(
-        state.step % meta_interval == 0, meta_update, skip, None)
+  else:  # same metric names, so the two variants' metrics can be summed
+    shapes = jax.eval_shape(meta_update, None)[2]
+    meta_metrics = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    dnet_params, dnet_opt_state = state.dnet_params, state.dnet_opt_state
 
   weights = jax.lax.stop_gradient(problem.class_weights(dnet_params, state.class_accuracy))
   params, batch_stats, opt_state, metrics = _classifier_update(

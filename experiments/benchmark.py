@@ -106,41 +106,51 @@ def run_benchmark(*, model_name, num_classes, image_size, channels, batch_size, 
       weights = dj.class_balanced_weights(counts)
       fn = parallel.pmap_baseline_step(model=model, tx=tx, class_weights_fn=lambda a: weights)
       args = (sharded_batch,)
+    elif "meta_interval" in kwargs:
+      interval = kwargs.pop("meta_interval")
+      fn = parallel.pmap_meta_interval_step(interval, model=model, dnet=dnet, tx=tx,
+                                            dnet_tx=dnet_tx, learning_rate=schedule, **kwargs)
+      kwargs["meta_interval"] = interval
+      args = (sharded_batch, sharded_meta)
     else:
       fn = parallel.pmap_train_step(model=model, dnet=dnet, tx=tx, dnet_tx=dnet_tx,
                                     learning_rate=schedule, **kwargs)
       args = (sharded_batch, sharded_meta)
     replicated = parallel.replicate(state)
-    t0 = time.perf_counter()
-    compiled = fn.lower(replicated, *args).compile()
-    compile_s = time.perf_counter() - t0
-    flops = None
-    try:
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops = float(cost.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is best-effort and backend-dependent
-      flops = None
-    fn = compiled  # call the executable we just compiled (and timed)
+    if isinstance(fn, parallel.MetaIntervalStep):  # two executables; compiled on first use
+      t0 = time.perf_counter()
+      for _ in range(fn.interval):
+        replicated, _ = fn(replicated, *args)
+      jax.block_until_ready(replicated)
+      compile_s, flops = time.perf_counter() - t0, None
+    else:
+      t0 = time.perf_counter()
+      compiled = fn.lower(replicated, *args).compile()
+      compile_s = time.perf_counter() - t0
+      flops = _flops(compiled)
+      fn = compiled  # call the executable we just compiled (and timed)
     current = replicated
     for _ in range(warmup):
       current, metrics = fn(current, *args)
     jax.block_until_ready(current)
-    times = []
+    times, cpu_times = [], []
     # A meta-interval variant is timed over whole cycles of k steps, averaged per step.
     cycle = kwargs.get("meta_interval", 1)
     for _ in range(steps):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(cycle):
         current, metrics = fn(current, *args)
       jax.block_until_ready(current)
       times.append((time.perf_counter() - t0) / cycle)
+      cpu_times.append((time.process_time() - c0) / cycle)
     loss = float(parallel.unreplicate(metrics)["train_loss"])
     if not np.isfinite(loss):
       raise FloatingPointError(f"{name}: non-finite loss {loss} in the benchmark.")
     step_s = statistics.median(times)
     results.append({
         "variant": name, "compile_s": compile_s, "step_s": step_s,
+        # CPU seconds of this process per step: on a shared machine a steadier measure of work.
+        "process_cpu_s": statistics.median(cpu_times),
         "images_per_s": batch_size / step_s, "gflop": flops / 1e9 if flops else None,
         "peak_memory_gib": _peak_memory_gib(devices[0]), "loss": loss,
     })
@@ -149,6 +159,15 @@ def run_benchmark(*, model_name, num_classes, image_size, channels, batch_size, 
   for r in results:
     r["ratio_to_ce"] = r["step_s"] / ce if ce else None
   return results
+
+
+def _flops(compiled):
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best-effort and backend-dependent
+    return None
 
 
 def _peak_memory_gib(device):
@@ -163,10 +182,10 @@ def _peak_memory_gib(device):
 
 def format_table(results, header: str) -> str:
   lines = [header,
-           f"{'variant':<22}{'compile s':>10}{'step s':>10}{'img/s':>10}{'x CE':>7}{'GFLOP':>9}{'peak GiB':>10}"]
+           f"{'variant':<22}{'compile s':>10}{'step s':>10}{'cpu s':>8}{'img/s':>10}{'x CE':>7}{'GFLOP':>9}{'peak GiB':>10}"]
   for r in results:
     fmt = lambda v, f: (f % v) if v is not None else "-"
-    lines.append(f"{r['variant']:<22}{r['compile_s']:>10.1f}{r['step_s']:>10.3f}"
+    lines.append(f"{r['variant']:<22}{r['compile_s']:>10.1f}{r['step_s']:>10.3f}{r['process_cpu_s']:>8.2f}"
                  f"{r['images_per_s']:>10.0f}{fmt(r['ratio_to_ce'], '%.2f'):>7}"
                  f"{fmt(r['gflop'], '%.1f'):>9}{fmt(r['peak_memory_gib'], '%.2f'):>10}")
   return "\n".join(lines)

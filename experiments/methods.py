@@ -93,6 +93,9 @@ def validate_config(config) -> None:
     raise ValueError(f"meta_batch_size must be >= 1, got {config.meta_batch_size}.")
   if int(config.meta_interval) < 1:
     raise ValueError(f"meta_interval must be >= 1 (1 = every step), got {config.meta_interval}.")
+  if int(config.meta_interval) > 1:  # TODO(lead): dispatch MetaIntervalStep in the trainer.
+    raise ValueError("meta_interval > 1 is not wired into the experiment runner yet; use "
+                     "dnet_jax.parallel.pmap_meta_interval_step in your own loop.")
   if int(config.max_steps) < 0:
     raise ValueError(f"max_steps must be >= 0 (0 = no limit), got {config.max_steps}.")
 
@@ -146,7 +149,7 @@ def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, a
         steps.train_step, model=model, dnet=method.dnet, tx=tx, dnet_tx=dnet_tx,
         learning_rate=learning_rate, loss_fn=method.loss_fn,
         driver_weight=float(config.driver_weight), meta_grad=config.meta_grad,
-        meta_interval=int(config.meta_interval), remat=bool(config.remat), axis_name=axis_name)
+        remat=bool(config.remat), axis_name=axis_name)
     return step
   baseline = functools.partial(
       steps.baseline_step, model=model, tx=tx, class_weights_fn=method.class_weights_fn,

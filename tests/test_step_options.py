@@ -7,6 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import dnet_jax as dj
+from dnet_jax import parallel
 from dnet_jax.models import SmallCNN
 from tiny_models import TinyConvNet, make_state, random_batch
 
@@ -42,7 +43,7 @@ def test_remat_gives_the_same_step(mode):
 def test_meta_interval_matches_exact_step_where_the_meta_update_runs():
   state, batches, kwargs = _setup()
   exact = dj.jit_train_step(donate=False, **kwargs)
-  every3 = dj.jit_train_step(donate=False, meta_interval=3, **kwargs)
+  every3 = parallel.jit_meta_interval_step(3, donate=False, **kwargs)
   # Step 0: both run the meta update: identical.
   e0, _ = exact(state, *batches[0])
   k0, m0 = every3(state, *batches[0])
@@ -59,7 +60,8 @@ def test_meta_interval_matches_exact_step_where_the_meta_update_runs():
                            class_weights_fn=lambda a: weights)
   assert _max_abs_diff(k1.params, b1.params) < 1e-6
   # Step 3 runs the meta update again, exactly as the exact step would from that state.
-  k2, _ = every3(k1, *batches[2])
+  k2, m2 = every3(k1, *batches[2])
+  assert float(m2["meta_updated"]) == 0.0
   k3, m3 = every3(k2, *batches[3])
   e3, _ = exact(k2, *batches[3])
   assert float(m3["meta_updated"]) == 1.0
@@ -70,7 +72,7 @@ def test_meta_interval_matches_exact_step_where_the_meta_update_runs():
 def test_meta_interval_must_be_positive():
   state, batches, kwargs = _setup()
   with pytest.raises(ValueError, match="meta_interval must be a positive integer"):
-    dj.train_step(state, *batches[0], meta_interval=0, **kwargs)
+    parallel.jit_meta_interval_step(0, **kwargs)
 
 
 def test_bfloat16_compute_keeps_the_loss_within_tolerance():
