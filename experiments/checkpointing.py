@@ -1,25 +1,66 @@
-"""Checkpoints of a run: the TrainState plus the loop's bookkeeping, with orbax.
+"""Checkpoints of a run: the TrainState, the loop's bookkeeping and a verification record.
 
-One checkpoint (in `<workdir>/checkpoints/<step>/`) holds two items:
+One checkpoint (in `<workdir>/checkpoints/<step>/`) holds three items:
   * "state": the unreplicated `TrainState` (classifier, BatchNorm statistics,
     both optimizers, Difficulty-Net, class-accuracy vector, step, raw key),
     saved with `StandardSave` and restored into an abstract target;
-  * "loop": the trainer's JSON bookkeeping (per-epoch history, partial-epoch
-    metric sums, accumulated training time).
+  * "loop": the trainer's JSON bookkeeping (position in the data order,
+    per-epoch history, best-validation record, partial-epoch metric sums,
+    accumulated training time);
+  * "meta": what the checkpoint belongs to and how to verify it: model name,
+    number of classes, method, image shape, the shapes and dtypes of every
+    state array (and their fingerprint), the dnet_jax version, and a SHA-256
+    of every state array's bytes.
 Together they are everything a resumed run needs: data order and meta batches
 are functions of (seed, epoch / step), and step keys come from the state.
+
+Atomicity (orbax-checkpoint 0.12.8 on a local or NFS file system): a save
+writes `<step>.orbax-checkpoint-tmp-<n>/`, writes `_CHECKPOINT_METADATA`
+(with `commit_timestamp_nsecs`) and `commit_success.txt` into it when every
+item is written, then renames it to `<step>/`. A process killed during a
+save therefore leaves only a tmp directory, which orbax never lists as a
+step (and removes when the next manager starts: it is never a valid
+checkpoint, so nothing saved is lost). But orbax lists *any* directory named
+by a step number, complete or not, and restores whatever bytes it finds: a
+flipped byte in an array file comes back as a silently wrong number. Hence
+two more checks here:
+  * complete: `commit_success.txt`, `_CHECKPOINT_METADATA` with a commit
+    timestamp, and the "state" and "loop" item directories all exist. `latest_step()`
+    skips a step directory that is not complete (a truncated copy, a
+    directory emptied by hand) with a warning, and `set_aside_incomplete()`
+    renames it to `<step>.incomplete` (never deletes it) so that the step can
+    be saved again;
+  * verified: `restore` recomputes every array's SHA-256 and compares it
+    with the record; `check_compatible` compares the record with the run
+    about to resume. Either failure is a `CheckpointError` that names the
+    checkpoint directory and what differs; nothing is deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+import dnet_jax
+from experiments.errors import CheckpointError, NonFiniteError
 
 _STATE = "state"
 _LOOP = "loop"
+_META = "meta"
+ITEMS = (_STATE, _LOOP, _META)
+FORMAT_VERSION = 2
+# Files orbax 0.12.8 writes into a step directory just before renaming it into place.
+_ORBAX_COMMIT_FILE = "commit_success.txt"
+_ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
+# The fields of the meta record that must equal the resuming run's.
+IDENTITY_FIELDS = ("model", "num_classes", "method", "image_shape")
 
 
 def abstract_like(tree):
@@ -37,13 +78,88 @@ def abstract_like(tree):
   return jax.tree.map(leaf, tree)
 
 
+# ---------------------------------------------------------------------------- the meta record
+
+
+def _leaves_with_names(tree) -> list[tuple[str, Any]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]
+
+
+def state_shapes(tree) -> list[list]:
+  """[[name, shape, dtype], ...] of every array of a state (arrays or ShapeDtypeStructs)."""
+  return [[name, [int(d) for d in np.shape(leaf)], str(np.dtype(leaf.dtype))]
+          for name, leaf in _leaves_with_names(tree)]
+
+
+def shapes_fingerprint(shapes: Sequence[Sequence]) -> str:
+  """A short hash of `state_shapes`: equal iff the two states have the same arrays."""
+  return hashlib.sha256(json.dumps(list(shapes)).encode()).hexdigest()[:16]
+
+
+def _array_digest(x: np.ndarray) -> str:
+  x = np.ascontiguousarray(x)
+  h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
+  h.update(x.tobytes())
+  return h.hexdigest()
+
+
+def state_digests(host_state) -> dict[str, str]:
+  """{array name: SHA-256 of its dtype, shape and bytes} of a state already on the host."""
+  return {name: _array_digest(np.asarray(leaf)) for name, leaf in _leaves_with_names(host_state)}
+
+
+def non_finite_arrays(host_state) -> list[str]:
+  """Names of the floating-point arrays of a host state that hold a NaN or an Inf."""
+  bad = []
+  for name, leaf in _leaves_with_names(host_state):
+    leaf = np.asarray(leaf)
+    if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+      kinds = [k for k, f in (("nan", np.isnan), ("inf", np.isinf)) if np.any(f(leaf))]
+      bad.append(f"{name} ({' and '.join(kinds)})")
+  return bad
+
+
+def run_identity(*, model: str, num_classes: int, method: str, image_shape, abstract_state) -> dict:
+  """What a checkpoint must match to be resumed by a run: the fields of `IDENTITY_FIELDS`
+  and the shapes of the state's arrays (`abstract_state`: e.g. from `jax.eval_shape`)."""
+  shapes = state_shapes(abstract_state)
+  return {"model": str(model), "num_classes": int(num_classes), "method": str(method),
+          "image_shape": [int(d) for d in image_shape], "state_shapes": shapes,
+          "state_fingerprint": shapes_fingerprint(shapes)}
+
+
+def compatibility_problems(saved: dict, expected: dict) -> list[str]:
+  """Human-readable differences between a checkpoint's meta record and a run's identity."""
+  problems = []
+  if saved.get("format") != FORMAT_VERSION:
+    problems.append(f"checkpoint format {saved.get('format')!r} (this runner reads "
+                    f"{FORMAT_VERSION})")
+  for field in IDENTITY_FIELDS:
+    if field in expected and saved.get(field) != expected[field]:
+      problems.append(f"{field}: {saved.get(field)!r} in the checkpoint, {expected[field]!r} now")
+  if (not problems and "state_fingerprint" in expected
+      and saved.get("state_fingerprint") != expected["state_fingerprint"]):
+    old = {name: (shape, dtype) for name, shape, dtype in saved.get("state_shapes", [])}
+    new = {name: (shape, dtype) for name, shape, dtype in expected["state_shapes"]}
+    diffs = [f"{name}: {old[name][0]} {old[name][1]} -> {new[name][0]} {new[name][1]}"
+             for name in new if name in old and old[name] != new[name]]
+    diffs += [f"{name} is new" for name in new if name not in old]
+    diffs += [f"{name} is gone" for name in old if name not in new]
+    problems.append("the state's arrays differ (" + "; ".join(diffs[:5])
+                    + ("; ..." if len(diffs) > 5 else "") + ")")
+  return problems
+
+
+# ---------------------------------------------------------------------------- the checkpointer
+
+
 class Checkpointer:
-  """A thin wrapper around `ocp.CheckpointManager` for (state, loop) pairs.
+  """A wrapper around `ocp.CheckpointManager` for (state, loop) pairs, with verification.
 
   Saving is asynchronous (the arrays are copied to the host, then written in
-  the background); orbax writes to a temporary directory and renames it when
-  complete, so an interrupted save never becomes the latest checkpoint.
-  Call `close()` (or use it as a context manager) before exiting.
+  the background). Call `close()` (or use it as a context manager) before
+  exiting. See the module docstring for what "complete" and "verified" mean.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
@@ -53,39 +169,190 @@ class Checkpointer:
         # A save interrupted by a kill leaves a *.orbax-checkpoint-tmp directory behind;
         # it is never a valid checkpoint, and removing it lets that step be saved again.
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(_STATE, _LOOP))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._warned: set[int] = set()
 
-  def latest_step(self) -> int | None:
-    """The step of the newest complete checkpoint, or None."""
-    return self._manager.latest_step()
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(int(step)))
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """Every step directory orbax lists (complete or not), oldest first."""
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, loop: dict[str, Any]) -> bool:
-    """Saves (unreplicated state, JSON-able loop dict) under `step`; False if it exists."""
+  def incomplete_reason(self, step: int) -> str | None:
+    """Why step directory `step` is not a complete checkpoint, or None if it is."""
+    path = self.step_path(step)
+    if not os.path.isfile(os.path.join(path, _ORBAX_COMMIT_FILE)):
+      return f"no {_ORBAX_COMMIT_FILE} (the save never finished)"
+    try:
+      with open(os.path.join(path, _ORBAX_STEP_METADATA), encoding="utf-8") as f:
+        committed = json.load(f).get("commit_timestamp_nsecs")
+    except (OSError, ValueError, AttributeError) as e:
+      return f"unreadable {_ORBAX_STEP_METADATA} ({e})"
+    if not committed:
+      return f"{_ORBAX_STEP_METADATA} has no commit timestamp"
+    # A missing "meta" alone means an older runner wrote it: complete, but `read_meta` says so.
+    missing = [item for item in (_STATE, _LOOP) if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+      return f"missing item(s) {', '.join(missing)}"
+    return None
+
+  def complete_steps(self) -> list[int]:
+    """Steps with a complete checkpoint, oldest first; warns once about each other one."""
+    complete = []
+    for step in self.all_steps():
+      reason = self.incomplete_reason(step)
+      if reason is None:
+        complete.append(step)
+      elif step not in self._warned:
+        self._warned.add(step)
+        logging.warning("Ignoring the incomplete checkpoint %s: %s.", self.step_path(step), reason)
+    return complete
+
+  def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None (waits for a save in progress)."""
+    self._manager.wait_until_finished()
+    complete = self.complete_steps()
+    return complete[-1] if complete else None
+
+  def set_aside_incomplete(self) -> list[str]:
+    """Renames every incomplete step directory to `<step>.incomplete[-n]`; returns the new paths.
+
+    Nothing is deleted: the directory stays for inspection, and its step can be saved again.
+    """
+    moved = []
+    for step in self.all_steps():
+      reason = self.incomplete_reason(step)
+      if reason is None:
+        continue
+      source = self.step_path(step)
+      target, n = f"{source}.incomplete", 1
+      while os.path.exists(target):
+        n += 1
+        target = f"{source}.incomplete-{n}"
+      os.rename(source, target)
+      logging.warning("Checkpoint %s is incomplete (%s); moved it to %s and will not use it.",
+                      source, reason, target)
+      moved.append(target)
+    if moved:
+      self._manager.reload()
+    return moved
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The meta record of checkpoint `step` (CheckpointError if it cannot be read)."""
+    if not os.path.isdir(os.path.join(self.step_path(step), _META)):
+      raise CheckpointError(
+          f"Checkpoint {self.step_path(step)} has no '{_META}' record (model, classes, method, "
+          "checksums): it was written by an older version of this runner and cannot be verified. "
+          f"{self._advice(step)}")
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          **{_META: ocp.args.JsonRestore()}))
+      return dict(restored[_META])
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"Cannot read the metadata of checkpoint {self.step_path(step)}: "
+          f"{_first_line(e)}. {self._advice(step)}") from e
+
+  def check_compatible(self, step: int, expected: dict) -> dict[str, Any]:
+    """Raises CheckpointError unless checkpoint `step` belongs to a run with identity `expected`
+    (see `run_identity`); returns its meta record. Warns if dnet_jax's version differs."""
+    meta = self.read_meta(step)
+    problems = compatibility_problems(meta, expected)
+    if problems:
+      raise CheckpointError(
+          f"Checkpoint {self.step_path(step)} was written by a different experiment and cannot "
+          f"be resumed by this config: {'; '.join(problems)}. Use a new --workdir for this "
+          "config, or rerun with the settings the checkpoint was written with. Nothing was "
+          "deleted.")
+    if meta.get("dnet_jax_version") != dnet_jax.__version__:
+      logging.warning("Checkpoint %s was written by dnet_jax %s; this is %s.",
+                      self.step_path(step), meta.get("dnet_jax_version"), dnet_jax.__version__)
+    return meta
+
+  def save(self, step: int, state, loop: dict[str, Any], identity: dict | None = None) -> bool:
+    """Saves (unreplicated state, JSON-able loop dict) under `step`; False if it exists.
+
+    Refuses (NonFiniteError) to save a state with a NaN or Inf anywhere, so
+    the newest checkpoint is always a good state. `identity` (`run_identity`)
+    goes into the meta record, with the array digests.
+    """
     if step in self._manager.all_steps():
       return False
+    host_state = jax.device_get(state)
+    bad = non_finite_arrays(host_state)
+    if bad:
+      latest = self.latest_step()
+      kept = (f"the newest checkpoint on disk, {self.step_path(latest)}, is the last good state"
+              if latest is not None else "no checkpoint was written")
+      raise NonFiniteError(
+          f"step {step}: the training state has non-finite values in {', '.join(bad[:5])}"
+          f"{', ...' if len(bad) > 5 else ''}; it was not saved and {kept}. Lower the learning "
+          "rate or check the data.")
+    shapes = state_shapes(host_state)
+    meta = {**(identity or {}), "format": FORMAT_VERSION, "step": int(step),
+            "dnet_jax_version": dnet_jax.__version__, "state_shapes": shapes,
+            "state_fingerprint": shapes_fingerprint(shapes),
+            "state_digests": state_digests(host_state)}
     return self._manager.save(int(step), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _LOOP: ocp.args.JsonSave(loop)}))
+        **{_STATE: ocp.args.StandardSave(state), _LOOP: ocp.args.JsonSave(loop),
+           _META: ocp.args.JsonSave(meta)}))
 
   def restore(self, step: int, target_state) -> tuple[Any, dict[str, Any]]:
     """(state, loop) of checkpoint `step`, the state in the structure of `target_state`.
 
     `target_state` may be concrete arrays or ShapeDtypeStructs; only its tree
-    structure, shapes, dtypes and shardings are used.
+    structure, shapes, dtypes and shardings are used. Every array is checked
+    against the SHA-256 recorded when it was saved; a mismatch, or files that
+    cannot be read, raise CheckpointError naming the checkpoint.
     """
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract_like(target_state)),
-           _LOOP: ocp.args.JsonRestore()}))
-    return restored[_STATE], dict(restored[_LOOP])
+    path = self.step_path(step)
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(abstract_like(target_state)),
+             _LOOP: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"Checkpoint {path} cannot be read: {_first_line(e)}. "
+          f"{self._advice(step)}") from e
+    state, meta = restored[_STATE], dict(restored[_META])
+    recorded = meta.get("state_digests")
+    if recorded is None:
+      raise CheckpointError(f"Checkpoint {path} has no array checksums (format "
+                            f"{meta.get('format')!r}); {self._advice(step)}")
+    host_state = jax.device_get(state)
+    if "state_shapes" in meta and state_shapes(host_state) != meta["state_shapes"]:
+      raise CheckpointError(
+          f"Checkpoint {path} holds arrays of other shapes or dtypes than the target it was "
+          "restored into; check it with `check_compatible` first (the run that wrote it had "
+          "another model, method or number of classes).")
+    actual = state_digests(host_state)
+    wrong = sorted(name for name in set(recorded) | set(actual)
+                   if recorded.get(name) != actual.get(name))
+    if wrong:
+      raise CheckpointError(
+          f"Checkpoint {path} is corrupt: array(s) {', '.join(wrong[:5])}"
+          f"{', ...' if len(wrong) > 5 else ''} differ from the checksums recorded when it was "
+          f"saved. {self._advice(step)}")
+    return state, dict(restored[_LOOP])
 
   def restore_loop(self, step: int) -> dict[str, Any]:
     """Only the bookkeeping of checkpoint `step` (enough to report a finished run)."""
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(
-        **{_LOOP: ocp.args.JsonRestore()}))
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          **{_LOOP: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"Checkpoint {self.step_path(step)} cannot be read: {_first_line(e)}. "
+          f"{self._advice(step)}") from e
     return dict(restored[_LOOP])
+
+  def _advice(self, step: int) -> str:
+    older = [s for s in self.complete_steps() if s < step]
+    previous = (f"to resume from the previous checkpoint (step {older[-1]}), move "
+                f"{self.step_path(step)} out of {self.directory}" if older else
+                f"to start afresh, move {self.step_path(step)} out of {self.directory}")
+    return f"Nothing was deleted; {previous}, or use a new --workdir."
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -99,3 +366,11 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of the innermost cause of `error` (orbax wraps TensorStore's own error)."""
+  while error.__cause__ is not None and error.__cause__ is not error:
+    error = error.__cause__
+  text = str(error).split(" See full TensorStore details")[0].strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__

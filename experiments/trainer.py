@@ -13,15 +13,37 @@ The loop (Sinha & Ohashi, WACV 2023; METHOD.md):
 Everything a step depends on is a function of the seed, the epoch/step and the
 state: data order from (seed, epoch), meta batches from (seed, step), the
 augmentation and dropout keys from `fold_in(state key, step)`. A run resumed
-from a checkpoint therefore repeats exactly what the uninterrupted run does.
-Checkpoints are written at epoch ends and when the run stops; a stop in the
-middle of an epoch (`max_steps`) saves the state *before* any end-of-epoch
-refresh, together with the partial epoch's metric sums, so that continuing it
-later gives the same numbers as never having stopped.
+from a checkpoint therefore repeats exactly what the uninterrupted run does
+(bit for bit on CPU; tests/test_resume.py kills a run with SIGKILL and checks).
+
+Checkpoints (`experiments/checkpointing.py`) are written
+  * at epoch ends (every `checkpoint_every_epochs`), after the refresh of a;
+  * every `checkpoint_every_steps` steps (0 = off), also inside an epoch;
+  * when the run stops: at `max_steps`, or on SIGTERM (`experiments/preemption.py`).
+A checkpoint inside an epoch holds the state *before* any end-of-epoch refresh,
+the position in the epoch and the partial epoch's metric sums, so continuing
+it gives the same numbers as never having stopped. A checkpoint written on
+SIGTERM right at an epoch end records that the end-of-epoch evaluation is
+still pending (it can take long; a preemption notice gives seconds): the
+resumed run does it first.
+
+Reliability (what a user sees; exit codes in `experiments/errors.py`):
+  * the config and data are checked before anything is compiled
+    (`experiments/validation.py`): InvalidInputError;
+  * a NaN/Inf in any step metric (train_loss, grad_norm, ...) is recorded on
+    the device as the first step where each quantity went bad, carried across
+    steps without a device->host transfer, and checked at every logging
+    interval and before every evaluation and checkpoint: NonFiniteError
+    "step 123: train_loss is nan", and the bad state is never saved;
+  * SIGTERM: a checkpoint at the next step boundary, then `errors.Preempted`;
+  * a corrupt checkpoint, or one of another experiment: CheckpointError
+    naming it; incomplete step directories are skipped and set aside.
 
 Outputs in `workdir`: checkpoints/, results.json, metrics.jsonl (and
 TensorBoard events when available), PNG plots (see `reporting`).
-Only process 0 writes logs, results and plots.
+Only process 0 writes logs, results and plots. After a resume,
+metrics.jsonl also holds the steps between the checkpoint and the
+interruption twice (the later lines are the ones the run continued from).
 """
 
 from __future__ import annotations
@@ -45,14 +67,19 @@ from dnet_jax import steps
 from dnet_jax.models import build_classifier
 from dnet_jax.state import create_train_state
 from experiments import checkpointing
+from experiments import errors
 from experiments import input_pipeline
 from experiments import methods
+from experiments import preemption
 from experiments import reporting
+from experiments import validation
 
 AXIS = parallel.AXIS_NAME
 # fold_in tag that separates the augmentation keys from the step's dropout key.
 _AUGMENT_STREAM = 0x617567
-_LOOP_VERSION = 1
+_LOOP_VERSION = 2
+# Step metrics named first in a non-finite report, when several go bad at the same step.
+_NON_FINITE_ORDER = ("train_loss", "grad_norm", "ce", "dnet_grad_norm", "meta_ce", "driver_loss")
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -75,12 +102,9 @@ def learning_rate_schedule(config, steps_per_epoch: int):
 
 
 def _check_divisible(config, num_devices: int, uses_meta: bool) -> None:
-  fields = ["batch_size", "eval_batch_size"] + (["meta_batch_size"] if uses_meta else [])
-  for field in fields:
-    if int(config[field]) % num_devices:
-      raise ValueError(
-          f"{field}={config[field]} is not divisible by the {num_devices} devices; the global "
-          f"batch is split evenly across devices, so choose a multiple of {num_devices}.")
+  """Kept for callers of the old name: see `validation.validate_config`."""
+  del uses_meta  # validate_config reads the method from the config
+  validation.validate_config(config, num_devices)
 
 
 def _to_devices(global_batch):
@@ -128,6 +152,42 @@ def _add_trees(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+@jax.jit
+def _accumulate(sums, first_bad, metrics, step):
+  """Adds a step's metrics to the epoch sums and records non-finite values, on the device.
+
+  `first_bad[name] = (s, v)`: s is the first step whose metric `name` was NaN or
+  Inf (-1 while none) and v that value; `step` is the step count after the
+  update (the runner's 1-based step). None for `sums` / `first_bad` starts them.
+  """
+  sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+  if first_bad is None:
+    first_bad = {name: (jnp.full(jnp.shape(value), -1, jnp.int32),
+                        jnp.zeros(jnp.shape(value), jnp.float32))
+                 for name, value in metrics.items()}
+  updated = {}
+  for name, value in metrics.items():
+    bad_step, bad_value = first_bad[name]
+    new = (bad_step < 0) & ~jnp.isfinite(value)
+    updated[name] = (jnp.where(new, step.astype(jnp.int32), bad_step),
+                     jnp.where(new, value.astype(jnp.float32), bad_value))
+  return sums, updated
+
+
+def _non_finite_entries(host_first_bad) -> list[tuple[int, str, float]]:
+  """[(step, metric name, value)] of the metrics that went bad, earliest (and most telling) first."""
+  if host_first_bad is None:
+    return []
+  entries = [(int(np.ravel(s)[0]), name, float(np.ravel(v)[0]))
+             for name, (s, v) in host_first_bad.items() if np.ravel(s)[0] >= 0]
+  rank = {name: i for i, name in enumerate(_NON_FINITE_ORDER)}
+  return sorted(entries, key=lambda e: (e[0], rank.get(e[1], len(rank)), e[1]))
+
+
+def _format_value(value: float) -> str:
+  return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
 def _to_host_scalars(tree) -> dict[str, float]:
   """First device's copy of replicated scalar metrics, as Python floats (one transfer)."""
   host = jax.device_get(parallel.unreplicate(tree))
@@ -140,8 +200,8 @@ def _config_dict(config) -> dict:
 
 # Fields that may change between a run and its resumption without changing what is trained.
 _RUN_ONLY_FIELDS = ("max_steps", "num_epochs", "compare_with", "progress_bar", "log_every_steps",
-                    "checkpoint_every_epochs", "max_checkpoints_to_keep", "eval_batch_size",
-                    "data.data_dir")
+                    "checkpoint_every_epochs", "checkpoint_every_steps", "max_checkpoints_to_keep",
+                    "eval_batch_size", "data.data_dir")
 
 
 def _training_fields(config) -> dict[str, str]:
@@ -191,6 +251,26 @@ class _Evaluator:
     return correct, total
 
 
+def _fresh_loop(steps_per_epoch: int, num_train: int) -> dict:
+  return {"version": _LOOP_VERSION, "step": 0, "steps_per_epoch": steps_per_epoch,
+          "num_train": num_train, "history": [], "epoch_sums": None, "epoch_steps": 0,
+          "partial": None, "pending_evaluation": False, "wall_time_s": 0.0}
+
+
+def _check_loop(loop: dict, step: int, path: str, steps_per_epoch: int, num_train: int) -> None:
+  """The bookkeeping of checkpoint `path` must fit this run's data and batch size."""
+  if loop.get("version") != _LOOP_VERSION or int(loop.get("step", -1)) != step:
+    raise errors.CheckpointError(
+        f"Checkpoint {path} holds bookkeeping of version {loop.get('version')!r} for step "
+        f"{loop.get('step')!r}; this runner writes version {_LOOP_VERSION}. Use a new --workdir.")
+  if (loop.get("steps_per_epoch"), loop.get("num_train")) != (steps_per_epoch, num_train):
+    raise errors.CheckpointError(
+        f"Checkpoint {path} was written with {loop.get('num_train')} training images and "
+        f"{loop.get('steps_per_epoch')} steps per epoch, but this config gives {num_train} and "
+        f"{steps_per_epoch}: use a new --workdir for a changed data set or batch size. Nothing "
+        "was deleted.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates one configuration; resumes from `workdir/checkpoints` if present.
 
@@ -207,32 +287,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     accuracy, class accuracy vector a, difficulty and class weights), steps,
     start_step, devices, wall_time_s (all invocations) and wall_time_this_run_s,
     metric_writer, plots.
+
+  Raises:
+    errors.InvalidInputError: the config or the data is invalid (before any compilation).
+    errors.CheckpointError: the newest checkpoint is corrupt or from another experiment.
+    errors.NonFiniteError: a step metric or the state became NaN/Inf (nothing bad is saved).
+    errors.Preempted: SIGTERM arrived; a checkpoint was saved, call again to continue.
   """
   run_start = time.time()
-  methods.validate_config(config)  # cheap; before loading data or compiling anything
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
   devices = jax.local_devices()
   num_devices = jax.device_count()  # all processes' devices share the global batch
+  # Everything that can be checked is checked before any data is fed or anything compiled.
+  validation.validate_config(config, num_devices)
   method_name = config.method
   uses_meta = method_name in methods.DNET_METHODS
-  _check_divisible(config, num_devices, uses_meta)
+  data = validation.load_data(config)
+  validation.check_data(data, config, uses_meta)
+  logging.info("Data: %s", data.summary())
+
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
   if jax.process_count() > 1:
     logging.warning("Multi-process run: batches are split across processes and only process 0 "
                     "writes results, but checkpointing across processes is untested.")
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  writer, writer_kind = reporting.create_metric_writer(workdir, is_main=is_main)
-  logging.info("Metric writer: %s", writer_kind)
-
-  # Data.
-  data = input_pipeline.load_data(config)
-  logging.info("Data: %s", data.summary())
   num_classes = data.num_classes
-  if uses_meta and int(config.meta_batch_size) > len(data.y_meta):
-    raise ValueError(
-        f"meta_batch_size={config.meta_batch_size} exceeds the meta set ({len(data.y_meta)} "
-        "images); lower it or raise data.meta_per_class.")
   groups = data.shot_groups(int(config.many_threshold), int(config.few_threshold))
   steps_per_epoch = input_pipeline.steps_per_epoch(len(data.y_train), int(config.batch_size))
   total_steps = int(config.num_epochs) * steps_per_epoch
@@ -252,48 +332,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dnet_tx = (optim.dnet_optimizer(float(config.dnet.lr), float(config.dnet.weight_decay))
              if method.uses_dnet else None)
   sample_images = jnp.zeros((1,) + data.x_train.shape[1:], jnp.float32)
-  # One compiled initialisation instead of hundreds of eagerly compiled ops.
-  init_state = jax.jit(functools.partial(
+  make_state = functools.partial(
       create_train_state, model=model, tx=tx, sample_images=sample_images,
-      num_classes=num_classes, dnet=method.dnet, dnet_tx=dnet_tx))
+      num_classes=num_classes, dnet=method.dnet, dnet_tx=dnet_tx)
+  abstract_state = jax.eval_shape(make_state, jax.random.key(0))  # traces, compiles nothing
+  identity = checkpointing.run_identity(
+      model=config.model, num_classes=num_classes, method=method_name,
+      image_shape=data.x_train.shape[1:], abstract_state=abstract_state)
 
-  # Resume.
+  # Resume: the newest complete checkpoint, checked against this run before it is restored.
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             int(config.max_checkpoints_to_keep))
-  loop = {"version": _LOOP_VERSION, "step": 0, "steps_per_epoch": steps_per_epoch,
-          "num_train": int(len(data.y_train)), "history": [], "epoch_sums": None,
-          "epoch_steps": 0, "partial": None, "wall_time_s": 0.0}
-  latest = checkpointer.latest_step()
-  state = None
-  if latest is not None:
-    if latest >= total_steps:  # finished: the bookkeeping is all that reporting needs
+  try:
+    if jax.process_count() == 1:
+      # TODO(multi-process): every process would have to agree before one renames.
+      checkpointer.set_aside_incomplete()
+    loop = _fresh_loop(steps_per_epoch, int(len(data.y_train)))
+    latest = checkpointer.latest_step()
+    state = None
+    if latest is not None:
+      checkpointer.check_compatible(latest, identity)
       loop = checkpointer.restore_loop(latest)
-    else:
-      state, loop = checkpointer.restore(latest, jax.eval_shape(init_state, jax.random.key(0)))
-    if (loop.get("steps_per_epoch"), loop.get("num_train")) != (steps_per_epoch, len(data.y_train)):
-      raise ValueError(
-          f"The checkpoint in {checkpointer.directory} was written with {loop.get('num_train')} "
-          f"training images and {loop.get('steps_per_epoch')} steps per epoch, but this config "
-          f"gives {len(data.y_train)} and {steps_per_epoch}: use a new workdir for a changed "
-          "data set or batch size.")
-    _warn_if_config_changed(loop.get("config"), config)
-    logging.info("Resumed from checkpoint at step %d (epoch %.2f).", latest, latest / steps_per_epoch)
-  elif total_steps > 0:
-    state = init_state(jax.random.key(int(config.seed)))
+      _check_loop(loop, latest, checkpointer.step_path(latest), steps_per_epoch,
+                  int(len(data.y_train)))
+      if latest < total_steps or (latest == total_steps and loop.get("pending_evaluation")):
+        state, loop = checkpointer.restore(latest, abstract_state)
+      _warn_if_config_changed(loop.get("config"), config)
+      logging.info("Resumed from checkpoint %s (epoch %.2f).", checkpointer.step_path(latest),
+                   latest / steps_per_epoch)
+    elif total_steps > 0:
+      # One compiled initialisation instead of hundreds of eagerly compiled ops.
+      state = jax.jit(make_state)(jax.random.key(int(config.seed)))
+  except BaseException:
+    checkpointer.close()
+    raise
   start_step = int(loop["step"])
   previous_wall = float(loop.get("wall_time_s", 0.0))
 
+  writer, writer_kind = reporting.create_metric_writer(workdir, is_main=is_main)
+  logging.info("Metric writer: %s", writer_kind)
   diff_and_weights = jax.jit(functools.partial(methods.difficulty_and_weights, method))
 
-  if start_step < total_steps:
+  if state is not None:
     try:
-      loop = _train(config, data, state, loop, method, model, tx, dnet_tx, schedule,
-                    (train_preprocess, meta_preprocess, eval_preprocess), groups, steps_per_epoch,
-                    total_steps, checkpointer, writer, diff_and_weights, is_main,
-                    previous_wall, run_start)
-    finally:  # also on errors: finish pending checkpoint writes and flush the logs
+      with preemption.StopSignal() as stop:
+        runner = _Loop(config=config, data=data, loop=loop, method=method, model=model, tx=tx,
+                       dnet_tx=dnet_tx, schedule=schedule,
+                       preprocessors=(train_preprocess, meta_preprocess, eval_preprocess),
+                       groups=groups, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                       checkpointer=checkpointer, writer=writer,
+                       diff_and_weights=diff_and_weights, is_main=is_main,
+                       previous_wall=previous_wall, run_start=run_start, identity=identity,
+                       stop=stop)
+        loop = runner.run(state)
+    except BaseException:  # finish pending checkpoint writes (of good states), close the logs
       checkpointer.close()
-      writer.flush()
+      writer.close()
+      raise
+    checkpointer.close()
+    writer.flush()
   else:
     checkpointer.close()
     logging.info("Run already finished at step %d (total %d); reporting only.", start_step,
@@ -301,6 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   history = list(loop["history"]) + ([loop["partial"]] if loop.get("partial") else [])
   wall_this_run = time.time() - run_start
+  trained = state is not None
   results = reporting.build_results(
       config_dict=_config_dict(config),
       data_info={"name": data.name, "num_classes": num_classes,
@@ -315,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                 "devices": num_devices, "device_kind": devices[0].device_kind,
                 "process_count": jax.process_count(),
-                "wall_time_s": previous_wall + (wall_this_run if start_step < total_steps else 0.0),
+                "wall_time_s": previous_wall + (wall_this_run if trained else 0.0),
                 "wall_time_this_run_s": wall_this_run, "metric_writer": writer_kind,
                 "workdir": workdir})
   plot_paths = {}
@@ -330,62 +428,119 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def _train(config, data, state, loop, method, model, tx, dnet_tx, schedule, preprocessors, groups,
-           steps_per_epoch, total_steps, checkpointer, writer, diff_and_weights, is_main,
-           previous_wall, run_start) -> dict:
-  """Runs steps loop["step"] .. total_steps - 1 with evaluation and checkpoints; returns `loop`."""
-  train_preprocess, meta_preprocess, eval_preprocess = preprocessors
-  num_classes = data.num_classes
-  seed = int(config.seed)
-  batch_size = int(config.batch_size)
-  step_fn = methods.make_step_fn(method, config, model=model, tx=tx, dnet_tx=dnet_tx,
-                                 learning_rate=schedule, axis_name=AXIS)
-  p_train = jax.pmap(_make_train_fn(step_fn, train_preprocess, meta_preprocess, method.uses_dnet),
-                     axis_name=AXIS, donate_argnums=(0,))
-  evaluator = _Evaluator(jax.pmap(_make_eval_fn(model, eval_preprocess, num_classes),
-                                  axis_name=AXIS), int(config.eval_batch_size))
-  p_state = parallel.replicate(state)
-  del state
+class _Loop:
+  """Steps loop["step"] .. total_steps - 1 with evaluation, checkpoints and the stop checks.
 
-  step = int(loop["step"])
-  history = list(loop["history"])
-  epoch_sums = (parallel.replicate({k: np.float32(v) for k, v in loop["epoch_sums"].items()})
-                if loop.get("epoch_sums") else None)
-  epoch_steps = int(loop.get("epoch_steps", 0))
-  log_every = int(config.log_every_steps)
-  logging.info("Training %s for steps %d..%d (%d per epoch) on %d device(s).", method.name, step,
-               total_steps, steps_per_epoch, jax.device_count())
-  bar = reporting.progress_bar(total_steps, step, enabled=is_main and bool(config.progress_bar))
-  last_log_time, last_log_step = time.time(), step
+  Holds what changes from step to step (replicated state, step, epoch sums,
+  first non-finite steps, history) so that the boundary work (evaluate,
+  checkpoint) reads as methods rather than closures over reassigned names.
+  """
 
-  def put(item):
-    s, batch, meta = item
-    return s, _to_devices(batch), (_to_devices(meta) if meta else None)
+  def __init__(self, *, config, data, loop, method, model, tx, dnet_tx, schedule, preprocessors,
+               groups, steps_per_epoch, total_steps, checkpointer, writer, diff_and_weights,
+               is_main, previous_wall, run_start, identity, stop):
+    self.config, self.data, self.method = config, data, method
+    self.schedule, self.groups = schedule, groups
+    self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+    self.checkpointer, self.writer = checkpointer, writer
+    self.diff_and_weights, self.is_main = diff_and_weights, is_main
+    self.previous_wall, self.run_start = previous_wall, run_start
+    self.identity, self.stop = identity, stop
+    train_preprocess, meta_preprocess, eval_preprocess = preprocessors
+    step_fn = methods.make_step_fn(method, config, model=model, tx=tx, dnet_tx=dnet_tx,
+                                   learning_rate=schedule, axis_name=AXIS)
+    self.p_train = jax.pmap(
+        _make_train_fn(step_fn, train_preprocess, meta_preprocess, method.uses_dnet),
+        axis_name=AXIS, donate_argnums=(0,))
+    self.evaluator = _Evaluator(
+        jax.pmap(_make_eval_fn(model, eval_preprocess, data.num_classes), axis_name=AXIS),
+        int(config.eval_batch_size))
+    self.every_steps = int(config.get("checkpoint_every_steps", 0))
+    self.loop = dict(loop)
+    self.step = int(loop["step"])
+    self.history = list(loop["history"])
+    self.epoch_sums = (parallel.replicate({k: np.float32(v) for k, v in loop["epoch_sums"].items()})
+                       if loop.get("epoch_sums") else None)
+    self.epoch_steps = int(loop.get("epoch_steps", 0))
+    self.first_bad = None  # on-device {metric: (first non-finite step, value)}
+    self.metrics = None
+    self.p_state = None
 
-  stream = input_pipeline.train_stream(
-      data, seed=seed, start_step=step, end_step=total_steps, batch_size=batch_size,
-      meta_batch_size=int(config.meta_batch_size) if method.uses_dnet else None)
-  metrics = None
+  # -------------------------------------------------------------------------- checks
 
-  def evaluate(p_state):
-    val_correct, val_total = evaluator.counts(p_state, data.x_meta, data.y_meta)
-    test_correct, test_total = evaluator.counts(p_state, data.x_test, data.y_test)
+  def check_finite(self, host_first_bad=None) -> None:
+    """Raises NonFiniteError if any step metric so far was NaN/Inf (one small transfer)."""
+    if host_first_bad is None:
+      if self.first_bad is None:
+        return
+      host_first_bad = jax.device_get(self.first_bad)
+    entries = _non_finite_entries(host_first_bad)
+    if not entries:
+      return
+    first_step, name, value = entries[0]
+    others = [f"{n} is {_format_value(v)} from step {s}" for s, n, v in entries[1:]]
+    self.checkpointer.wait_until_finished()
+    latest = self.checkpointer.latest_step()
+    kept = (f"the newest checkpoint, {self.checkpointer.step_path(latest)}, is the last good state"
+            if latest is not None else "no checkpoint had been written")
+    raise errors.NonFiniteError(
+        f"step {first_step}: {name} is {_format_value(value)}"
+        + (f" (also {'; '.join(others)})" if others else "")
+        + f". Non-finite training loss or gradient: the run stopped at step {self.step} without "
+        f"saving its state; {kept}. Lower the learning rate (learning_rate="
+        f"{self.config.learning_rate}) or check the data"
+        + ("" if self.config.dtype == "float32" else
+           f", or compute in float32 (dtype={self.config.dtype})") + ".")
+
+  # -------------------------------------------------------------------------- checkpoints
+
+  def save(self, *, partial_record=None, pending_evaluation=False) -> bool:
+    """Checkpoints the current state and bookkeeping under the current step."""
+    self.check_finite()
+    best = reporting.select_final_and_best(self.history)[1]
+    self.loop = {
+        "version": _LOOP_VERSION, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+        "num_train": int(len(self.data.y_train)),
+        # Position in the data order: batch `position_in_epoch` of the permutation (seed, epoch).
+        "seed": int(self.config.seed), "epoch": self.step // self.steps_per_epoch,
+        "position_in_epoch": self.step % self.steps_per_epoch,
+        "history": self.history,
+        "best_val": (None if best is None else
+                     {k: best[k] for k in ("epoch", "step", "val_accuracy")}),
+        "epoch_sums": (_to_host_scalars(self.epoch_sums)
+                       if (self.epoch_sums is not None and self.epoch_steps) else None),
+        "epoch_steps": self.epoch_steps, "partial": partial_record,
+        "pending_evaluation": bool(pending_evaluation),
+        "wall_time_s": self.previous_wall + time.time() - self.run_start,
+        "config": _training_fields(self.config),
+    }
+    return self.checkpointer.save(self.step, parallel.unreplicate(self.p_state), self.loop,
+                                  identity=self.identity)
+
+  # -------------------------------------------------------------------------- evaluation
+
+  def evaluate(self):
+    val_correct, val_total = self.evaluator.counts(self.p_state, self.data.x_meta,
+                                                   self.data.y_meta)
+    test_correct, test_total = self.evaluator.counts(self.p_state, self.data.x_test,
+                                                     self.data.y_test)
     class_accuracy = np.asarray(dmath.accuracy_from_counts(
         jnp.asarray(val_correct, jnp.float32), jnp.asarray(val_total, jnp.float32)))
-    return class_accuracy, val_correct, val_total, reporting.accuracy_summary(test_correct,
-                                                                              test_total, groups)
+    test = reporting.accuracy_summary(test_correct, test_total, self.groups)
+    return class_accuracy, val_correct, val_total, test
 
-  def epoch_record(p_state, class_accuracy, val_correct, val_total, test, epoch, partial):
+  def epoch_record(self, class_accuracy, val_correct, val_total, test, epoch, partial) -> dict:
     """One evaluation's record. `difficulty` and `class_weights` are those the method
     derives from the accuracy just measured, i.e. what the next epoch starts with."""
-    difficulty, weights = jax.device_get(diff_and_weights(
-        parallel.unreplicate(p_state.dnet_params), jnp.asarray(class_accuracy)))
-    means = {k: v / max(epoch_steps, 1) for k, v in _to_host_scalars(epoch_sums).items()}
+    difficulty, weights = jax.device_get(self.diff_and_weights(
+        parallel.unreplicate(self.p_state.dnet_params), jnp.asarray(class_accuracy)))
+    sums = _to_host_scalars(self.epoch_sums) if self.epoch_sums is not None else {}
+    means = {k: v / max(self.epoch_steps, 1) for k, v in sums.items()}
     return {
-        "epoch": epoch, "step": step, "partial": partial,
+        "epoch": epoch, "step": self.step, "partial": partial,
         "train_loss": means.get("train_loss"),
         "train_metrics": means,
-        "learning_rate": float(schedule(max(step - 1, 0))),
+        "learning_rate": float(self.schedule(max(self.step - 1, 0))),
         "val_accuracy": float(val_correct.sum() / max(val_total.sum(), 1.0)),
         "val_per_class": [float(a) for a in class_accuracy],
         "test": test,
@@ -393,71 +548,116 @@ def _train(config, data, state, loop, method, model, tx, dnet_tx, schedule, prep
         "class_weights": [float(w) for w in weights],
     }
 
-  def save(p_state, partial_record=None):
-    state = parallel.unreplicate(p_state)
-    loop_now = {
-        "version": _LOOP_VERSION, "step": step, "steps_per_epoch": steps_per_epoch,
-        "num_train": int(len(data.y_train)), "history": history,
-        "epoch_sums": (_to_host_scalars(epoch_sums) if (epoch_sums is not None and epoch_steps)
-                       else None),
-        "epoch_steps": epoch_steps, "partial": partial_record,
-        "wall_time_s": previous_wall + time.time() - run_start,
-        "config": _training_fields(config),
-    }
-    checkpointer.save(step, state, loop_now)
-    return loop_now
+  def at_boundary(self) -> bool:
+    return self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
 
-  loop_now = dict(loop)
-  for step_index, batch, meta in input_pipeline.prefetch_to_device(stream, 2, put):
-    if method.uses_dnet:
-      p_state, metrics = p_train(p_state, batch, meta)
-    else:
-      p_state, metrics = p_train(p_state, batch)
-    epoch_sums = metrics if epoch_sums is None else _add_trees(epoch_sums, metrics)
-    step = step_index + 1
-    epoch_steps += 1
-    bar.update(1)
-
-    if step % log_every == 0 or step == total_steps:
-      scalars = _to_host_scalars(metrics)  # the only per-step device->host transfer
-      if not np.isfinite(scalars["train_loss"]):
-        raise FloatingPointError(
-            f"Non-finite training loss {scalars['train_loss']} at step {step}; lower the "
-            "learning rate or check the data.")
-      now = time.time()
-      scalars["images_per_sec"] = (step - last_log_step) * batch_size / max(now - last_log_time, 1e-9)
-      last_log_time, last_log_step = now, step
-      writer.write_scalars(step, scalars)
-      bar.set_postfix(loss=f"{scalars['train_loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}",
-                      lr=f"{scalars.get('learning_rate', float(schedule(step - 1))):.3g}")
-
-    epoch_done = step % steps_per_epoch == 0
-    if not epoch_done and step < total_steps:
-      continue
-    epoch = step // steps_per_epoch if epoch_done else step / steps_per_epoch
-    class_accuracy, val_correct, val_total, test = evaluate(p_state)
+  def boundary(self) -> None:
+    """Epoch end (or the last step inside an epoch): evaluate, refresh a, record, checkpoint."""
+    self.check_finite()  # never evaluate, record or save a state that went bad
+    epoch_done = self.step % self.steps_per_epoch == 0
+    epoch = self.step // self.steps_per_epoch if epoch_done else self.step / self.steps_per_epoch
+    class_accuracy, val_correct, val_total, test = self.evaluate()
     if epoch_done:
       # Refresh the accuracy vector a that the next epoch's weights are computed from.
-      p_state = p_state.replace(class_accuracy=parallel.replicate(jnp.asarray(class_accuracy)))
-    record = epoch_record(p_state, class_accuracy, val_correct, val_total, test, epoch,
-                          partial=not epoch_done)
-    writer.write_scalars(step, {
+      self.p_state = self.p_state.replace(
+          class_accuracy=parallel.replicate(jnp.asarray(class_accuracy)))
+    record = self.epoch_record(class_accuracy, val_correct, val_total, test, epoch,
+                               partial=not epoch_done)
+    self.writer.write_scalars(self.step, {
         "epoch": float(epoch), "train_loss_epoch": record["train_loss"],
         "val_accuracy": record["val_accuracy"], "test_accuracy": test["overall"],
         **{f"test_{g}": test[g] for g in ("many", "medium", "few") if test[g] is not None}})
-    writer.flush()
+    self.writer.flush()
     logging.info("epoch %s step %d: train loss %.4f, val %.2f%%, test %.2f%% "
                  "(many %s, medium %s, few %s)", f"{epoch:.2f}" if not epoch_done else epoch,
-                 step, record["train_loss"], 100 * record["val_accuracy"], 100 * test["overall"],
+                 self.step, record["train_loss"] if record["train_loss"] is not None else np.nan,
+                 100 * record["val_accuracy"], 100 * test["overall"],
                  *(reporting.format_percent(test[g]) for g in ("many", "medium", "few")))
     if epoch_done:
-      history.append(record)
-      epoch_sums, epoch_steps = None, 0
-      if (step // steps_per_epoch) % int(config.checkpoint_every_epochs) == 0 or step == total_steps:
-        loop_now = save(p_state)
+      self.history.append(record)
+      self.epoch_sums, self.epoch_steps = None, 0
+      if ((self.step // self.steps_per_epoch) % int(self.config.checkpoint_every_epochs) == 0
+          or self.step == self.total_steps
+          or (self.every_steps and self.step % self.every_steps == 0)):
+        self.save()
     else:  # stopped by max_steps inside an epoch: keep the un-refreshed state
-      loop_now = save(p_state, partial_record=record)
-  bar.close()
-  jax.block_until_ready(p_state)
-  loop_now.update(step=step, history=history)
-  return loop_now
+      self.save(partial_record=record)
+
+  # -------------------------------------------------------------------------- the loop
+
+  def run(self, state) -> dict:
+    """Runs the remaining steps; returns the bookkeeping of the last checkpoint."""
+    config, data, method = self.config, self.data, self.method
+    self.p_state = parallel.replicate(state)
+    del state
+    if self.loop.get("pending_evaluation") and self.at_boundary():
+      self.boundary()  # the evaluation a SIGTERM at this epoch end postponed
+    self.loop["pending_evaluation"] = False
+    log_every = int(config.log_every_steps)
+    logging.info("Training %s for steps %d..%d (%d per epoch) on %d device(s).", method.name,
+                 self.step, self.total_steps, self.steps_per_epoch, jax.device_count())
+    bar = reporting.progress_bar(self.total_steps, self.step,
+                                 enabled=self.is_main and bool(config.progress_bar))
+    last_log_time, last_log_step = time.time(), self.step
+    batch_size = int(config.batch_size)
+
+    def put(item):
+      s, batch, meta = item
+      return s, _to_devices(batch), (_to_devices(meta) if meta else None)
+
+    stream = input_pipeline.train_stream(
+        data, seed=int(config.seed), start_step=self.step, end_step=self.total_steps,
+        batch_size=batch_size,
+        meta_batch_size=int(config.meta_batch_size) if method.uses_dnet else None)
+
+    for step_index, batch, meta in input_pipeline.prefetch_to_device(stream, 2, put):
+      if method.uses_dnet:
+        self.p_state, self.metrics = self.p_train(self.p_state, batch, meta)
+      else:
+        self.p_state, self.metrics = self.p_train(self.p_state, batch)
+      # Epoch sums and first non-finite steps stay on the device: no transfer here.
+      self.epoch_sums, self.first_bad = _accumulate(self.epoch_sums, self.first_bad,
+                                                    self.metrics, self.p_state.step)
+      self.step = step_index + 1
+      self.epoch_steps += 1
+      bar.update(1)
+
+      if self.step % log_every == 0 or self.step == self.total_steps:
+        # The only per-interval device->host transfer: metrics and the non-finite record.
+        host_metrics, host_first_bad = jax.device_get((self.metrics, self.first_bad))
+        self.check_finite(host_first_bad)
+        scalars = {k: float(np.ravel(v)[0]) for k, v in host_metrics.items()}
+        now = time.time()
+        scalars["images_per_sec"] = ((self.step - last_log_step) * batch_size
+                                     / max(now - last_log_time, 1e-9))
+        last_log_time, last_log_step = now, self.step
+        self.writer.write_scalars(self.step, scalars)
+        bar.set_postfix(loss=f"{scalars['train_loss']:.4f}",
+                        img_s=f"{scalars['images_per_sec']:.0f}",
+                        lr=f"{scalars.get('learning_rate', float(self.schedule(self.step - 1))):.3g}")
+
+      if self.stop.should_stop(self.step):
+        bar.close()
+        self.preempt()
+      if self.at_boundary():
+        self.boundary()
+      elif self.every_steps and self.step % self.every_steps == 0:
+        self.save()  # inside an epoch: the position and the partial sums go with the state
+    bar.close()
+    jax.block_until_ready(self.p_state)
+    self.loop.update(step=self.step, history=self.history)
+    return self.loop
+
+  def preempt(self) -> None:
+    """Saves a checkpoint at this step boundary and raises `errors.Preempted`."""
+    # At an epoch end the evaluation is left to the resumed run (it may take minutes).
+    self.save(pending_evaluation=self.at_boundary())
+    self.checkpointer.wait_until_finished()
+    path = self.checkpointer.step_path(self.step)
+    logging.warning("Stopped by %s at step %d; checkpoint %s saved.", self.stop.signal_name,
+                    self.step, path)
+    raise errors.Preempted(
+        f"Stopped by {self.stop.signal_name} after step {self.step} of {self.total_steps}; the "
+        f"checkpoint {path} holds everything needed to continue. Run the same command again "
+        f"to resume from step {self.step} (exit code {errors.EXIT_PREEMPTED}).",
+        step=self.step, checkpoint=path)

@@ -24,6 +24,19 @@ import numpy as np
 PROTOCOLS = ("public", "ldam")
 
 
+def check_imbalance_factor(imbalance_factor: float) -> None:
+  """Raises ValueError unless ``imbalance_factor`` (rho = n_max / n_min) is a finite number >= 1."""
+  try:
+    rho = float(imbalance_factor)
+  except (TypeError, ValueError):
+    rho = float("nan")
+  if not np.isfinite(rho) or rho < 1:
+    raise ValueError(
+        f"imbalance_factor must be >= 1 (it is n_max / n_min), got "
+        f"{imbalance_factor!r}; use e.g. 10, 50, 100 or 200, or 1 for a "
+        "balanced split.")
+
+
 def long_tailed_counts(
     num_classes: int, n_max: int, imbalance_factor: float
 ) -> np.ndarray:
@@ -53,11 +66,7 @@ def long_tailed_counts(
     raise ValueError(
         f"n_max (images of the head class) must be an integer >= 1, got "
         f"{n_max!r}; set n_max to the head-class size (e.g. 475 for CIFAR).")
-  if not np.isfinite(imbalance_factor) or imbalance_factor < 1:
-    raise ValueError(
-        f"imbalance_factor must be >= 1 (it is n_max / n_min), got "
-        f"{imbalance_factor!r}; use e.g. 10, 50, 100 or 200, or 1 for a "
-        "balanced split.")
+  check_imbalance_factor(imbalance_factor)
   c = np.arange(num_classes, dtype=np.float64)
   fractions = np.power(float(imbalance_factor), -c / (num_classes - 1))
   return (int(n_max) * fractions).astype(np.int64)

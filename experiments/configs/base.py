@@ -27,11 +27,17 @@ Field reference (see METHOD.md for the maths):
   cb_beta           class-balanced (effective number) beta
   model, dtype      classifier by name (dnet_jax.models.MODEL_NAMES) and its
                     compute dtype (float32 | bfloat16)
+  pretrained_path   .npz of backbone weights loaded before the first step of a
+                    new run ("" = random init; experiments/pretrained_init.py);
+                    a head of another shape is re-initialised
   sync_batchnorm    average BatchNorm batch statistics over devices, so that
                     n devices behave like one device with the global batch
   data.*            dnet_jax.data.load_long_tailed's config: source, name,
                     data_dir, imbalance_factor, protocol, meta_per_class,
-                    n_max (0 = automatic), seed, digits_test_per_class
+                    n_max (0 = automatic), seed, digits_test_per_class;
+                    streamed sources (split_list, imagenet_lt: image lists
+                    read from disk with tf.data) have other fields, see
+                    experiments/configs/_streaming.py
   many_threshold,   shot groups: many-shot n_c > many_threshold, few-shot
   few_threshold     n_c < few_threshold, medium the rest (train counts)
   num_epochs, batch_size, meta_batch_size, eval_batch_size
@@ -47,6 +53,13 @@ Field reference (see METHOD.md for the maths):
   max_steps         stop after this many steps in total (0 = no limit; tests)
   log_every_steps   how often metrics are fetched from the device and written
   checkpoint_every_epochs, max_checkpoints_to_keep
+                    checkpoints at epoch ends (every k-th epoch) and how many
+                    to keep (orbax deletes the oldest beyond that)
+  checkpoint_every_steps
+                    also checkpoint every k steps, inside epochs too (0 = off):
+                    a long epoch then loses at most k steps to a kill. SIGTERM
+                    always checkpoints at the next step and exits with code 75
+                    (experiments/errors.py); rerunning the command resumes.
   compare_with      a CE run's workdir (or its results.json) to plot the
                     per-class test accuracy against
   progress_bar      tqdm progress bar on the terminal
@@ -78,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   config.model = "resnet32"
   config.dtype = "float32"
+  config.pretrained_path = ""
   config.sync_batchnorm = True
 
   # Data.
@@ -116,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps = 0
   config.log_every_steps = 50
   config.checkpoint_every_epochs = 1
+  config.checkpoint_every_steps = 0
   config.max_checkpoints_to_keep = 3
   config.compare_with = ""
   config.progress_bar = True

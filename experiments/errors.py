@@ -1,0 +1,62 @@
+"""The errors a run reports to its user, and the exit codes of `python -m experiments.train`.
+
+Each is raised with a message that says what went wrong and what to change;
+the entry point prints the message (no traceback) and exits with the code:
+
+  code  exception          meaning
+  0     -                  finished (or was already finished: results reported again)
+  1     any other          a bug or an unexpected failure (traceback printed)
+  2     InvalidInputError  the config or the data cannot be trained on; fix the named setting
+  3     CheckpointError    a checkpoint in the workdir is corrupt or belongs to another
+                           experiment; nothing was deleted
+  4     NonFiniteError     a loss, gradient or the state became NaN/Inf; the newest checkpoint
+                           on disk is the last good state
+  75    Preempted          stopped by SIGTERM after saving a checkpoint: rerun the same
+                           command to continue (75 is EX_TEMPFAIL of sysexits.h, "try again")
+
+A scheduler that requeues preempted jobs should requeue on 75 (and may on
+1); 2, 3 and 4 need a person.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INVALID_INPUT = 2
+EXIT_CHECKPOINT = 3
+EXIT_NON_FINITE = 4
+EXIT_PREEMPTED = 75
+
+
+class RunError(Exception):
+  """A failure the user can act on; `exit_code` is what the entry point exits with."""
+  exit_code = 1
+
+
+class InvalidInputError(RunError, ValueError):
+  """The config or the data set is invalid; raised before anything is compiled."""
+  exit_code = EXIT_INVALID_INPUT
+
+
+class CheckpointError(RunError):
+  """A checkpoint cannot be resumed from (corrupt, or written by another experiment)."""
+  exit_code = EXIT_CHECKPOINT
+
+
+class NonFiniteError(RunError, FloatingPointError):
+  """A training quantity became NaN or Inf; the bad state was not saved."""
+  exit_code = EXIT_NON_FINITE
+
+
+class Preempted(RunError):
+  """The run stopped on request (SIGTERM) after saving a checkpoint; rerun to continue.
+
+  Attributes:
+    step: the step of the checkpoint that was saved.
+    checkpoint: its directory.
+  """
+  exit_code = EXIT_PREEMPTED
+
+  def __init__(self, message: str, step: int, checkpoint: str):
+    super().__init__(message)
+    self.step = step
+    self.checkpoint = checkpoint

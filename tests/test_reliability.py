@@ -1,0 +1,303 @@
+"""Reliability of the runner: non-finite values, SIGTERM in-process, checkpoint verification, pickles.
+
+Whole runs are on the digits config (9 steps per epoch at batch 32) with
+`jax_disable_most_optimizations`; the signal and kill tests through the
+command line are in tests/test_resume.py, the input checks in
+tests/test_validation.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import checkpointing
+from experiments import errors
+from experiments import input_pipeline
+from experiments import methods
+from experiments import preemption
+from experiments import trainer
+from experiments.configs import digits_lt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fast_compilation():
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(**overrides):
+  """digits_lt, plain CE (cheapest to compile), 2 epochs of 9 steps."""
+  config = digits_lt.get_config()
+  config.method = "ce"
+  config.num_epochs = 2
+  config.progress_bar = False
+  config.log_every_steps = 100
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+# ---------------------------------------------------------------------------- non-finite values
+
+
+def test_accumulate_records_the_first_non_finite_step_of_each_metric():
+  metrics = lambda loss, grad: {"train_loss": jnp.float32(loss), "grad_norm": jnp.float32(grad)}
+  sums, first_bad = trainer._accumulate(None, None, metrics(1.0, 2.0), jnp.int32(1))
+  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.inf, 3.0), jnp.int32(2))
+  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.nan, np.nan), jnp.int32(3))
+  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(1.0, 1.0), jnp.int32(4))
+  entries = trainer._non_finite_entries(jax.device_get(first_bad))
+  assert [(s, n) for s, n, _ in entries] == [(2, "train_loss"), (3, "grad_norm")]
+  assert np.isposinf(entries[0][2]) and np.isnan(entries[1][2])
+  assert float(sums["grad_norm"]) != float(sums["grad_norm"])  # the sums carry the NaN too
+  assert trainer._non_finite_entries(
+      jax.device_get(trainer._accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
+
+
+def _poison_step_fn(monkeypatch, bad_step: int):
+  """Makes the step that brings the state to `bad_step` produce a NaN loss and NaN params."""
+  original = methods.make_step_fn
+
+  def make_step_fn(*args, **kwargs):
+    step = original(*args, **kwargs)
+
+    def poisoned(state, batch, meta_batch=None):
+      new_state, metrics = step(state, batch, meta_batch)
+      factor = jnp.where(new_state.step == bad_step, jnp.nan, 1.0).astype(jnp.float32)
+      metrics = dict(metrics, train_loss=metrics["train_loss"] * factor)
+      params = jax.tree.map(lambda p: p * factor.astype(p.dtype), new_state.params)
+      return new_state.replace(params=params), metrics
+
+    return poisoned
+
+  monkeypatch.setattr(methods, "make_step_fn", make_step_fn)
+
+
+def test_injected_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _poison_step_fn(monkeypatch, bad_step=5)
+  workdir = str(tmp_path / "nan")
+  # Metrics are fetched only every 100 steps: the NaN of step 5 is found by the check
+  # before the checkpoint of step 6, from the record kept on the device.
+  config = tiny_config(checkpoint_every_steps=2, max_steps=9)
+  with pytest.raises(errors.NonFiniteError,
+                     match=r"^step 5: train_loss is nan \(also grad_norm is nan from step 6; ce is nan "
+                           r"from step 6\)\. "
+                           r"Non-finite training loss or gradient: the run stopped at step 6 "
+                           r"without saving its state; the newest checkpoint, .*checkpoints/4, "
+                           r"is the last good state"):
+    trainer.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == [2, 4]
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    assert checkpointer.latest_step() == 4
+    meta = checkpointer.read_meta(4)
+    assert meta["method"] == "ce" and meta["num_classes"] == 10
+  finally:
+    checkpointer.close()
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_huge_learning_rate_names_the_step_and_the_quantity(tmp_path):
+  config = tiny_config(learning_rate=1e30, max_steps=6, log_every_steps=1)
+  with pytest.raises(FloatingPointError,
+                     match=r"^step [1-6]: (train_loss|grad_norm) is (nan|inf|-inf)"):
+    trainer.train_and_evaluate(config, str(tmp_path / "lr"))
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  state = {"params": {"w": jnp.array([1.0, np.nan]), "b": jnp.array([np.inf])},
+           "step": jnp.int32(3)}
+  with checkpointing.Checkpointer(str(tmp_path / "ckpt"), asynchronous=False) as checkpointer:
+    with pytest.raises(errors.NonFiniteError,
+                       match=r"step 3: the training state has non-finite values in "
+                             r"params/b \(inf\), params/w \(nan\); it was not saved"):
+      checkpointer.save(3, state, {"step": 3})
+    assert checkpointer.all_steps() == []
+
+
+# ---------------------------------------------------------------------------- SIGTERM in-process
+
+
+def test_stop_signal_sets_a_flag_and_restores_the_previous_handler():
+  calls = []
+  previous = signal.signal(signal.SIGTERM, lambda *a: calls.append(a))
+  try:
+    with preemption.StopSignal() as stop:
+      assert not stop.should_stop(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop.should_stop(2) and stop.signal_name == "SIGTERM"
+      assert calls == []  # ours, not the previous handler
+    os.kill(os.getpid(), signal.SIGTERM)  # the previous handler is back
+    assert len(calls) == 1
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_at(monkeypatch, step_index: int):
+  """Sends SIGTERM to this process when the input pipeline builds batch `step_index`.
+
+  With the two-batch prefetch that happens right after step `step_index - 1`
+  (1-based) finished, so the loop stops after step `step_index`.
+  """
+  original = input_pipeline.train_stream
+
+  def train_stream(*args, **kwargs):
+    for item in original(*args, **kwargs):
+      if item[0] == step_index:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield item
+
+  monkeypatch.setattr(input_pipeline, "train_stream", train_stream)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """A straight run of `resumable_config` and the SHA-256 of its final state arrays."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    results = trainer.train_and_evaluate(resumable_config(), workdir)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+  return results, final_digests(workdir, results["steps"])
+
+
+def resumable_config():
+  # Difficulty-Net (small) so that the state has both networks and both optimizers.
+  config = tiny_config(method="difficulty_net", meta_batch_size=20)
+  config.dnet.hidden = (16, 16)
+  config.meta_grad = "driver_only"  # the cheapest meta-gradient to compile
+  return config
+
+
+def final_digests(workdir, step):
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    return checkpointer.read_meta(step)["state_digests"]
+
+
+COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",
+            "per_class_test_accuracy")
+
+
+@pytest.mark.parametrize("stop_after", [5, 9], ids=["inside_epoch", "at_epoch_end"])
+def test_sigterm_saves_a_checkpoint_and_the_rerun_gives_the_same_result(
+    tmp_path, monkeypatch, uninterrupted, stop_after):
+  reference, reference_digests = uninterrupted
+  workdir = str(tmp_path / "run")
+  # Our own handler outside the run: the runner's replaces it during the loop and must give
+  # it back (and if the runner installed none, the SIGTERM lands here, not on pytest).
+  outside = []
+  fallback = lambda *args: outside.append(args)  # noqa: E731
+  previous = signal.signal(signal.SIGTERM, fallback)
+  try:
+    with monkeypatch.context() as patch:
+      _sigterm_at(patch, stop_after)
+      with pytest.raises(errors.Preempted,
+                         match=rf"Stopped by SIGTERM after step {stop_after} of 18; the checkpoint "
+                               rf".*checkpoints/{stop_after} holds everything needed to continue"
+                               ) as stopped:
+        trainer.train_and_evaluate(resumable_config(), workdir)
+    assert signal.getsignal(signal.SIGTERM) is fallback  # the previous handler is back
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert outside == []  # the runner's handler took the signal
+  assert stopped.value.exit_code == errors.EXIT_PREEMPTED == 75
+  assert checkpoint_steps(workdir)[-1] == stop_after
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    loop = checkpointer.restore_loop(stop_after)
+  # At an epoch end the evaluation is left to the resumed run; inside one, the position is kept.
+  assert loop["pending_evaluation"] == (stop_after == 9)
+  assert (loop["epoch"], loop["position_in_epoch"]) == divmod(stop_after, 9)
+
+  resumed = trainer.train_and_evaluate(resumable_config(), workdir)
+  assert resumed["start_step"] == stop_after
+  for key in COMPARED:
+    assert resumed[key] == reference[key], key
+  assert final_digests(workdir, 18) == reference_digests  # bit-identical final state
+
+
+# ---------------------------------------------------------------------------- untrusted files
+
+
+_UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "torch",
+                   "pandas", "pd", "shelve", "marshal", "jsonpickle"}
+_UNSAFE_CALLS = {"load", "loads", "Unpickler", "read_pickle", "open"}
+
+
+def _unsafe_reads(path: str) -> list[str]:
+  """Calls in a source file that could unpickle untrusted bytes outside safe_pickle."""
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  found = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module in _UNSAFE_MODULES:
+      names = {a.name for a in node.names} & _UNSAFE_CALLS
+      if names:
+        found.append(f"line {node.lineno}: from {node.module} import {', '.join(sorted(names))}")
+    if not isinstance(node, ast.Call):
+      continue
+    for keyword in node.keywords:
+      if (keyword.arg == "allow_pickle" and not
+          (isinstance(keyword.value, ast.Constant) and keyword.value.value is False)):
+        found.append(f"line {node.lineno}: allow_pickle is not False")
+    func = node.func
+    if not (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)):
+      continue
+    module, name = func.value.id, func.attr
+    if module in _UNSAFE_MODULES and name in _UNSAFE_CALLS:
+      found.append(f"line {node.lineno}: {module}.{name}")
+    if module in ("np", "numpy", "jnp") and name == "load" and not any(
+        k.arg == "allow_pickle" for k in node.keywords):
+      found.append(f"line {node.lineno}: {module}.load without allow_pickle=False")
+  return found
+
+
+def test_every_pickle_read_goes_through_the_restricted_unpickler():
+  """No module of the library or the runner unpickles except dnet_jax/data/safe_pickle.py.
+
+  (Checkpoints are orbax: tensorstore arrays and JSON, no pickle; .npz files
+  are read with allow_pickle=False.)
+  """
+  allowed = os.path.join(REPO, "dnet_jax", "data", "safe_pickle.py")
+  problems = {}
+  for package in ("dnet_jax", "experiments", "scripts"):
+    for root, _, files in os.walk(os.path.join(REPO, package)):
+      for name in files:
+        path = os.path.join(root, name)
+        if name.endswith(".py") and path != allowed:
+          found = _unsafe_reads(path)
+          if found:
+            problems[os.path.relpath(path, REPO)] = found
+  assert not problems, problems
+  # The checker itself sees what it is meant to see.
+  probe = os.path.join(REPO, "tests", "test_reliability.py")
+  assert _unsafe_reads(probe) == []
+
+
+def test_the_audit_catches_unsafe_reads(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("import pickle\nimport numpy as np\nfrom dill import load\n"
+                  "pickle.load(open('f', 'rb'))\nnp.load('x.npy')\n"
+                  "np.load('y.npz', allow_pickle=True)\nnp.load('z.npz', allow_pickle=False)\n")
+  found = _unsafe_reads(str(path))
+  assert found == ["line 3: from dill import load", "line 4: pickle.load",
+                   "line 5: np.load without allow_pickle=False",
+                   "line 6: allow_pickle is not False"], found
