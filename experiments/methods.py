@@ -93,9 +93,6 @@ def validate_config(config) -> None:
     raise ValueError(f"meta_batch_size must be >= 1, got {config.meta_batch_size}.")
   if int(config.meta_interval) < 1:
     raise ValueError(f"meta_interval must be >= 1 (1 = every step), got {config.meta_interval}.")
-  if int(config.meta_interval) > 1:  # TODO(lead): dispatch MetaIntervalStep in the trainer.
-    raise ValueError("meta_interval > 1 is not wired into the experiment runner yet; use "
-                     "dnet_jax.parallel.pmap_meta_interval_step in your own loop.")
   if int(config.max_steps) < 0:
     raise ValueError(f"max_steps must be >= 0 (0 = no limit), got {config.max_steps}.")
 
@@ -139,17 +136,20 @@ def build_method(config, class_counts: np.ndarray, num_classes: int) -> Method:
   return Method(name, False, loss_fn, class_weights_fn=weights_fn)
 
 
-def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, axis_name):
+def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, axis_name,
+                 update_dnet: bool = True):
   """The pure step `(state, batch, meta_batch) -> (state, metrics)` of this method.
 
   Baselines ignore `meta_batch` (the trainer passes None and draws none).
+  `update_dnet=False` gives the Difficulty-Net step without its meta update, which
+  the trainer runs between meta updates when `config.meta_interval` > 1.
   """
   if method.uses_dnet:
     step = functools.partial(
         steps.train_step, model=model, dnet=method.dnet, tx=tx, dnet_tx=dnet_tx,
         learning_rate=learning_rate, loss_fn=method.loss_fn,
         driver_weight=float(config.driver_weight), meta_grad=config.meta_grad,
-        remat=bool(config.remat), axis_name=axis_name)
+        remat=bool(config.remat), update_dnet=update_dnet, axis_name=axis_name)
     return step
   baseline = functools.partial(
       steps.baseline_step, model=model, tx=tx, class_weights_fn=method.class_weights_fn,

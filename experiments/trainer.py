@@ -452,6 +452,17 @@ class _Loop:
     self.p_train = jax.pmap(
         _make_train_fn(step_fn, train_preprocess, meta_preprocess, method.uses_dnet),
         axis_name=AXIS, donate_argnums=(0,))
+    # meta_interval k > 1: Difficulty-Net is updated on steps with step % k == 0 only; the
+    # other steps run a separately compiled step without the meta update (chosen here, on
+    # the host: a lax.cond around the meta step is ~50x slower on XLA:CPU).
+    self.meta_interval = int(config.meta_interval) if method.uses_dnet else 1
+    self.p_train_plain = None
+    if self.meta_interval > 1:
+      plain_fn = methods.make_step_fn(method, config, model=model, tx=tx, dnet_tx=dnet_tx,
+                                      learning_rate=schedule, axis_name=AXIS, update_dnet=False)
+      self.p_train_plain = jax.pmap(
+          _make_train_fn(plain_fn, train_preprocess, meta_preprocess, method.uses_dnet),
+          axis_name=AXIS, donate_argnums=(0,))
     self.evaluator = _Evaluator(
         jax.pmap(_make_eval_fn(model, eval_preprocess, data.num_classes), axis_name=AXIS),
         int(config.eval_batch_size))
@@ -612,7 +623,9 @@ class _Loop:
 
     for step_index, batch, meta in input_pipeline.prefetch_to_device(stream, 2, put):
       if method.uses_dnet:
-        self.p_state, self.metrics = self.p_train(self.p_state, batch, meta)
+        p_train = (self.p_train if step_index % self.meta_interval == 0
+                   else self.p_train_plain)
+        self.p_state, self.metrics = p_train(self.p_state, batch, meta)
       else:
         self.p_state, self.metrics = self.p_train(self.p_state, batch)
       # Epoch sums and first non-finite steps stay on the device: no transfer here.
