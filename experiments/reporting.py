@@ -108,6 +108,32 @@ class NullWriter(FanOutWriter):
     super().__init__([])
 
 
+class TensorboardXWriter:
+  """TensorBoard event files through tensorboardX: no TensorFlow needed.
+
+  Used when clu's writer cannot be (clu's TensorBoard writer needs tensorflow
+  and tensorboard, which the quick-start install leaves out to stay small).
+  """
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(logdir=logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for name, value in scalars.items():
+      if value is not None:
+        self._writer.add_scalar(name, float(value), global_step=int(step))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    del hparams  # kept in results.json
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
 def tensorboard_available() -> bool:
   """True if clu's TensorBoard writer can be imported (needs tensorflow and tensorboard)."""
   return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tensorboard"))
@@ -129,9 +155,12 @@ def create_metric_writer(workdir: str, *, is_main: bool = True):
               f"clu default writer (absl logging + TensorBoard events in {workdir}) + {METRICS_FILE}")
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("TensorBoard writer unavailable (%s); falling back.", e)
+  if importlib.util.find_spec("tensorboardX") is not None:
+    return (FanOutWriter([AbslLoggingWriter(), TensorboardXWriter(workdir), jsonl]),
+            f"absl logging + TensorBoard events (tensorboardX) in {workdir} + {METRICS_FILE}")
   return (FanOutWriter([AbslLoggingWriter(), jsonl]),
-          f"absl logging + {os.path.join(workdir, METRICS_FILE)} (no TensorBoard: clu's "
-          "TensorBoard writer needs the tensorflow and tensorboard packages)")
+          f"absl logging + {os.path.join(workdir, METRICS_FILE)} (no TensorBoard: install "
+          "tensorboardX, or tensorflow and tensorboard for clu's writer)")
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
