@@ -12,12 +12,7 @@ from experiments import trainer
 from experiments.configs import digits_lt
 
 
-@pytest.fixture(autouse=True)
-def fast_compilation():
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _config(meta_interval):

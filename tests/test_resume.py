@@ -214,12 +214,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_continues(tmp_path, referenc
 # ---------------------------------------------------------------------------- bad checkpoints
 
 
-@pytest.fixture(autouse=True)
-def fast_compilation():
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def small_config(**overrides):

@@ -32,13 +32,7 @@ HISTORY_KEYS = {"epoch", "step", "train_loss", "learning_rate", "val_accuracy", 
                 "class_weights"}
 
 
-@pytest.fixture(autouse=True)
-def fast_compilation():
-  """Whole runs here are dominated by XLA compile time on CPU; skip most optimisations."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def tiny_digits_config(**overrides):
