@@ -62,8 +62,27 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-  """The first device's copy of every leaf of a replicated tree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first (local) device's copy of every leaf of a replicated tree.
+
+  Reads that device's buffer (`addressable_data(0)`) instead of indexing
+  `x[0]`, which compiles and runs an XLA program over all the devices that
+  ends in a collective (the row is replicated to every device). Under several
+  processes with CPU collectives (gloo) such eager collectives, issued in a
+  burst for every leaf of a state, could deadlock a process (observed in
+  tests/test_multiprocess_runner.py); host-side bookkeeping needs no device
+  program at all.
+  """
+
+  def first(x):
+    if isinstance(x, jax.Array) and x.ndim >= 1:
+      shard = x.addressable_data(0)  # the first local device's block
+      if shard.shape == (1,) + x.shape[1:]:  # split over the devices (pmap's layout)
+        return shard.reshape(x.shape[1:])
+      if shard.shape == x.shape[1:]:  # a squeezed per-device block
+        return shard
+    return x[0]  # any other layout (or a host array)
+
+  return jax.tree.map(first, tree)
 
 
 def jit_train_step(donate: bool = True, **kwargs):

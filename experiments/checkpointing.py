@@ -294,8 +294,12 @@ class Checkpointer:
             "dnet_jax_version": dnet_jax.__version__, "state_shapes": shapes,
             "state_fingerprint": shapes_fingerprint(shapes),
             "state_digests": state_digests(host_state)}
+    # Several processes: each holds the whole (replicated) state on its own devices, which
+    # orbax refuses to save ("Cannot serialize host local jax.Array in multi-host setting");
+    # the host copy is written by process 0 alone, every process joining the save's barriers.
+    to_save = host_state if jax.process_count() > 1 else state
     return self._manager.save(int(step), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _LOOP: ocp.args.JsonSave(loop),
+        **{_STATE: ocp.args.StandardSave(to_save), _LOOP: ocp.args.JsonSave(loop),
            _META: ocp.args.JsonSave(meta)}))
 
   def restore(self, step: int, target_state) -> tuple[Any, dict[str, Any]]:

@@ -44,6 +44,15 @@ TensorBoard events when available), PNG plots (see `reporting`).
 Only process 0 writes logs, results and plots. After a resume,
 metrics.jsonl also holds the steps between the checkpoint and the
 interruption twice (the later lines are the ones the run continued from).
+
+Data: in memory (`input_pipeline`: global batches, cut per process) or, for
+`config.data.source` in `streaming.SOURCES` (split lists such as ImageNet-LT
+and Places-LT, TFDS imagenet_lt), streamed from disk by tf.data, each process
+reading only its part of every global batch (`experiments/streaming.py`).
+`config.pretrained_path` loads backbone weights into a new run's state
+(`experiments/pretrained_init.py`). Several processes: every one runs this
+loop and takes part in every checkpoint save and restore (orbax synchronises
+them); tests/test_multiprocess_runner.py checks 2 processes against 1.
 """
 
 from __future__ import annotations
@@ -71,7 +80,9 @@ from experiments import errors
 from experiments import input_pipeline
 from experiments import methods
 from experiments import preemption
+from experiments import pretrained_init
 from experiments import reporting
+from experiments import streaming
 from experiments import validation
 
 AXIS = parallel.AXIS_NAME
@@ -115,6 +126,13 @@ def _to_devices(global_batch):
   (see `dnet_jax.distributed`).
   """
   return parallel.shard_batch(distributed.global_batch_to_local(global_batch))
+
+
+def _split_sizes(data) -> tuple[int, int, int]:
+  """(train, meta, test) sizes of in-memory (`LongTailedData`) or streamed data."""
+  if isinstance(data, streaming.StreamingData):
+    return data.num_train, data.num_meta, data.num_test
+  return len(data.y_train), len(data.y_meta), len(data.y_test)
 
 
 def _make_train_fn(step_fn, train_preprocess, meta_preprocess, uses_meta: bool):
@@ -250,6 +268,10 @@ class _Evaluator:
     total = np.sum([o["total"][0] for o in outputs], axis=0, dtype=np.float64)
     return correct, total
 
+  def stream_counts(self, p_state, local_batches) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of this process's batches of a streamed split (summed over all processes)."""
+    return streaming.eval_counts(self._p_eval, p_state, local_batches, parallel.shard_batch)
+
 
 def _fresh_loop(steps_per_epoch: int, num_train: int) -> dict:
   return {"version": _LOOP_VERSION, "step": 0, "steps_per_epoch": steps_per_epoch,
@@ -301,24 +323,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validation.validate_config(config, num_devices)
   method_name = config.method
   uses_meta = method_name in methods.DNET_METHODS
-  data = validation.load_data(config)
-  validation.check_data(data, config, uses_meta)
+  streamed = streaming.is_streaming(config)
+  if streamed:  # read from disk by tf.data, each process its own shard (experiments/streaming.py)
+    data = streaming.load(config)
+  else:
+    data = validation.load_data(config)
+    validation.check_data(data, config, uses_meta)
+  pretrained_path = str(config.get("pretrained_path", "") or "")
+  pretrained_init.check_path(pretrained_path)
   logging.info("Data: %s", data.summary())
 
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if jax.process_count() > 1:
-    logging.warning("Multi-process run: batches are split across processes and only process 0 "
-                    "writes results, but checkpointing across processes is untested.")
+    logging.info("Multi-process run: process %d of %d feeds its part of every global batch; all "
+                 "processes write checkpoints together, only process 0 results and logs.",
+                 jax.process_index(), jax.process_count())
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   num_classes = data.num_classes
   groups = data.shot_groups(int(config.many_threshold), int(config.few_threshold))
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(data.y_train), int(config.batch_size))
+  num_train, num_meta, num_test = _split_sizes(data)
+  steps_per_epoch = (data.steps_per_epoch if streamed else
+                     input_pipeline.steps_per_epoch(num_train, int(config.batch_size)))
   total_steps = int(config.num_epochs) * steps_per_epoch
   if int(config.max_steps) > 0:
     total_steps = min(total_steps, int(config.max_steps))
-  train_preprocess, meta_preprocess, eval_preprocess = input_pipeline.make_preprocessors(config, data)
+  # Streamed images arrive cropped, flipped and normalised by tf.data: no on-device preprocessing.
+  train_preprocess, meta_preprocess, eval_preprocess = (
+      streaming.preprocessors() if streamed else input_pipeline.make_preprocessors(config, data))
+  image_shape = tuple(data.image_shape) if streamed else data.x_train.shape[1:]
 
   # Model, method, optimizers, state.
   method = methods.build_method(config, data.class_counts, num_classes)
@@ -331,14 +365,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   nesterov=bool(config.nesterov))
   dnet_tx = (optim.dnet_optimizer(float(config.dnet.lr), float(config.dnet.weight_decay))
              if method.uses_dnet else None)
-  sample_images = jnp.zeros((1,) + data.x_train.shape[1:], jnp.float32)
+  sample_images = jnp.zeros((1,) + image_shape, jnp.float32)
   make_state = functools.partial(
       create_train_state, model=model, tx=tx, sample_images=sample_images,
       num_classes=num_classes, dnet=method.dnet, dnet_tx=dnet_tx)
   abstract_state = jax.eval_shape(make_state, jax.random.key(0))  # traces, compiles nothing
   identity = checkpointing.run_identity(
       model=config.model, num_classes=num_classes, method=method_name,
-      image_shape=data.x_train.shape[1:], abstract_state=abstract_state)
+      image_shape=image_shape, abstract_state=abstract_state)
 
   # Resume: the newest complete checkpoint, checked against this run before it is restored.
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -347,14 +381,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_count() == 1:
       # TODO(multi-process): every process would have to agree before one renames.
       checkpointer.set_aside_incomplete()
-    loop = _fresh_loop(steps_per_epoch, int(len(data.y_train)))
+    loop = _fresh_loop(steps_per_epoch, num_train)
     latest = checkpointer.latest_step()
     state = None
     if latest is not None:
       checkpointer.check_compatible(latest, identity)
       loop = checkpointer.restore_loop(latest)
-      _check_loop(loop, latest, checkpointer.step_path(latest), steps_per_epoch,
-                  int(len(data.y_train)))
+      _check_loop(loop, latest, checkpointer.step_path(latest), steps_per_epoch, num_train)
       if latest < total_steps or (latest == total_steps and loop.get("pending_evaluation")):
         state, loop = checkpointer.restore(latest, abstract_state)
       _warn_if_config_changed(loop.get("config"), config)
@@ -363,6 +396,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elif total_steps > 0:
       # One compiled initialisation instead of hundreds of eagerly compiled ops.
       state = jax.jit(make_state)(jax.random.key(int(config.seed)))
+      if pretrained_path:  # a new run only: a resumed one continues from its checkpoint
+        state = pretrained_init.load_into_state(state, pretrained_path, tx)
   except BaseException:
     checkpointer.close()
     raise
@@ -403,8 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config_dict=_config_dict(config),
       data_info={"name": data.name, "num_classes": num_classes,
                  "class_counts": [int(c) for c in data.class_counts],
-                 "num_train": int(len(data.y_train)), "num_meta": int(len(data.y_meta)),
-                 "num_test": int(len(data.y_test)),
+                 "num_train": num_train, "num_meta": num_meta, "num_test": num_test,
                  "shot_groups": {k: np.flatnonzero(v).tolist() for k, v in groups.items()},
                  "many_threshold": int(config.many_threshold),
                  "few_threshold": int(config.few_threshold)},
@@ -511,7 +545,7 @@ class _Loop:
     best = reporting.select_final_and_best(self.history)[1]
     self.loop = {
         "version": _LOOP_VERSION, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-        "num_train": int(len(self.data.y_train)),
+        "num_train": _split_sizes(self.data)[0],
         # Position in the data order: batch `position_in_epoch` of the permutation (seed, epoch).
         "seed": int(self.config.seed), "epoch": self.step // self.steps_per_epoch,
         "position_in_epoch": self.step % self.steps_per_epoch,
@@ -531,10 +565,16 @@ class _Loop:
   # -------------------------------------------------------------------------- evaluation
 
   def evaluate(self):
-    val_correct, val_total = self.evaluator.counts(self.p_state, self.data.x_meta,
-                                                   self.data.y_meta)
-    test_correct, test_total = self.evaluator.counts(self.p_state, self.data.x_test,
-                                                     self.data.y_test)
+    if isinstance(self.data, streaming.StreamingData):
+      val_correct, val_total = self.evaluator.stream_counts(self.p_state,
+                                                            self.data.eval_batches("meta"))
+      test_correct, test_total = self.evaluator.stream_counts(self.p_state,
+                                                              self.data.eval_batches("test"))
+    else:
+      val_correct, val_total = self.evaluator.counts(self.p_state, self.data.x_meta,
+                                                     self.data.y_meta)
+      test_correct, test_total = self.evaluator.counts(self.p_state, self.data.x_test,
+                                                       self.data.y_test)
     class_accuracy = np.asarray(dmath.accuracy_from_counts(
         jnp.asarray(val_correct, jnp.float32), jnp.asarray(val_total, jnp.float32)))
     test = reporting.accuracy_summary(test_correct, test_total, self.groups)
@@ -612,14 +652,19 @@ class _Loop:
     last_log_time, last_log_step = time.time(), self.step
     batch_size = int(config.batch_size)
 
+    if isinstance(data, streaming.StreamingData):  # this process's part of each global batch
+      to_devices = parallel.shard_batch
+      stream = data.train_stream(self.step, self.total_steps, with_meta=method.uses_dnet)
+    else:  # global batches, cut into this process's part by _to_devices
+      to_devices = _to_devices
+      stream = input_pipeline.train_stream(
+          data, seed=int(config.seed), start_step=self.step, end_step=self.total_steps,
+          batch_size=batch_size,
+          meta_batch_size=int(config.meta_batch_size) if method.uses_dnet else None)
+
     def put(item):
       s, batch, meta = item
-      return s, _to_devices(batch), (_to_devices(meta) if meta else None)
-
-    stream = input_pipeline.train_stream(
-        data, seed=int(config.seed), start_step=self.step, end_step=self.total_steps,
-        batch_size=batch_size,
-        meta_batch_size=int(config.meta_batch_size) if method.uses_dnet else None)
+      return s, to_devices(batch), (to_devices(meta) if meta else None)
 
     for step_index, batch, meta in input_pipeline.prefetch_to_device(stream, 2, put):
       if method.uses_dnet:

@@ -20,7 +20,9 @@ CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
 
 # Input shape and number of classes of each data set a config may name.
 _DATA_SHAPES = {"digits": ((8, 8, 1), 10), "cifar10": ((32, 32, 3), 10),
-                "cifar100": ((32, 32, 3), 100)}
+                "cifar100": ((32, 32, 3), 100), "imagenet_lt": ((224, 224, 3), 1000),
+                "places_lt": ((224, 224, 3), 365),
+                "split_list_lt": ((224, 224, 3), 10)}  # its classes come from the lists
 
 
 def load_config(path):

@@ -335,7 +335,6 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
     A dataset of dicts {"image": float32 [B, S, S, 3], "label": int32 [B]} plus
     "mask" float32 [B] in evaluation. Use `.as_numpy_iterator()` or `batches`.
   """
-  tf = _tf()
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
 
@@ -343,15 +342,52 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
     process_count = jax.process_count() if process_count is None else process_count
   indices, mask = shard_indices(len(split), batch_size, train=train, seed=seed, epoch=epoch,
                                 process_index=process_index, process_count=process_count)
+  return examples_dataset(split, image_root, indices, augmentation_seeds(seed, epoch, indices),
+                          batch_size=batch_size, train=train, mask=None if train else mask,
+                          image_size=image_size, resize_size=resize_size, mean=mean, std=std,
+                          flip=flip, num_parallel_calls=num_parallel_calls, prefetch=prefetch)
+
+
+def augmentation_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+  """Stateless seeds int64 [n, 2] = [base(seed, epoch), list index] of examples `indices`.
+
+  The augmentation of an example then depends only on (seed, epoch, example),
+  not on which process or thread handles it.
+  """
+  indices = np.asarray(indices, np.int64)
+  return np.stack([np.full(len(indices), augmentation_seed(seed, epoch), np.int64), indices],
+                  axis=1)
+
+
+def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: np.ndarray,
+                     seeds: np.ndarray, *, batch_size: int, train: bool,
+                     mask: np.ndarray | None = None, image_size: int = 224,
+                     resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, flip: bool = True,
+                     num_parallel_calls: int | None = None, prefetch: int = 2):
+  """Batches of the list's examples `indices`, in that order, as a `tf.data.Dataset`.
+
+  The building block of `make_dataset`, for callers that choose the examples
+  themselves (e.g. slices of global batches, or sampled meta batches).
+
+  Args:
+    split, image_root: the list and the directory its paths are relative to.
+    indices: int [n] list indices, n a multiple of `batch_size` (the rest is dropped).
+    seeds: int64 [n, 2] stateless augmentation seeds, one per example (see
+      `augmentation_seeds`); ignored by the evaluation transform.
+    batch_size: examples per batch.
+    train: the random-resized crop + flip transform; otherwise resize + centre crop.
+    mask: float32 [n]: adds "mask" to every batch (evaluation padding); None: no mask.
+    Others: as `make_dataset`.
+  """
+  tf = _tf()
+  indices = np.asarray(indices, np.int64)
   root = os.fspath(image_root)
   files = np.asarray([os.path.join(root, p) for p in split.paths[indices]], dtype=object)
-  base_seed = augmentation_seed(seed, epoch)
-  # Per-example seed [base, list index]: the augmentation of an example depends only on
-  # (seed, epoch, example), not on which process or thread handles it.
-  seeds = np.stack([np.full(len(indices), base_seed, np.int64), indices], axis=1)
-  columns = {"file": files.astype(str), "label": split.labels[indices], "seed": seeds}
-  if not train:
-    columns["mask"] = mask
+  columns = {"file": files.astype(str), "label": split.labels[indices],
+             "seed": np.asarray(seeds, np.int64).reshape(len(indices), 2)}
+  if mask is not None:
+    columns["mask"] = np.asarray(mask, np.float32)
   ds = tf.data.Dataset.from_tensor_slices(columns)
 
   def load(example):
@@ -359,18 +395,17 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
                                image_size=image_size, resize_size=resize_size, mean=mean,
                                std=std, flip=flip),
            "label": tf.cast(example["label"], tf.int32)}
-    if not train:
+    if mask is not None:
       out["mask"] = example["mask"]
     return out
 
   parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
   ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)  # the indices already fill whole batches
+  ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(prefetch)
   options = tf.data.Options()
   options.deterministic = True
-  ds = ds.with_options(options)
-  return ds
+  return ds.with_options(options)
 
 
 def batches(split: SplitList, image_root: str | os.PathLike, **kwargs) -> Iterator[dict]:

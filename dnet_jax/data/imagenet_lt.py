@@ -47,6 +47,8 @@ NUM_CLASSES = 1000
 SPLITS = ("train", "validation", "test")
 
 _ORDER_STREAM = 12
+_META_ORDER_STREAM = 13
+_META_AUGMENT_STREAM = 14
 
 
 def _not_prepared_message(data_dir: str) -> str:
@@ -99,13 +101,15 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
                  resize_size: int = 256, mean: Sequence[float] = image_folder.IMAGENET_MEAN,
                  std: Sequence[float] = image_folder.IMAGENET_STD, flip: bool = True,
                  shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, skip_batches: int = 0):
   """One epoch of this process's ImageNet-LT batches as a `tf.data.Dataset`.
 
   Arguments as `image_folder.make_dataset`, with `split` one of "train",
   "validation", "test" (or any TFDS split expression) and `data_dir` the TFDS
   data directory. `shuffle_buffer` bounds the memory of the example shuffle
-  (encoded JPEGs, ~110 kB each on ImageNet).
+  (encoded JPEGs, ~110 kB each on ImageNet). `skip_batches` (training only)
+  starts the epoch at that batch, as a run resumed inside an epoch needs; the
+  skipped examples are read but not decoded.
 
   Raises:
     FileNotFoundError: the dataset is not prepared in `data_dir`, with the steps
@@ -135,6 +139,9 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
       raise ValueError(f"{NAME} {split!r} has too few examples for a batch of {batch_size} in "
                        f"each of {process_count} process(es).")
     ds = ds.shuffle(shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
+    ds = ds.take(steps * batch_size).skip(int(skip_batches) * batch_size)
+  elif skip_batches:
+    raise ValueError("skip_batches is for training only; evaluation reads every example.")
   base_seed = image_folder.augmentation_seed(seed, epoch)
 
   def load(example):
@@ -151,9 +158,7 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
 
   parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
   ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
-  if train:
-    ds = ds.take(steps * batch_size)
-  else:
+  if not train:
     local = _cardinality(ds, f"{NAME} split {split!r}, process {process_index}")
     padding = steps * batch_size - local
     if padding < 0:  # cannot happen with TFDS's even splits; guards repeat(-1) = forever
@@ -166,6 +171,72 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
+
+
+def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: int,
+                 seed: int = 0, epoch: int = 0, skip_batches: int = 0, split: str = "validation",
+                 augment: bool = True, process_index: int | None = None,
+                 process_count: int | None = None, image_size: int = 224,
+                 resize_size: int = 256, mean: Sequence[float] = image_folder.IMAGENET_MEAN,
+                 std: Sequence[float] = image_folder.IMAGENET_STD,
+                 shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
+                 prefetch: int = 2):
+  """Difficulty-Net's meta batches of one epoch, drawn from the (balanced) validation split.
+
+  This process's part of the split (`tfds.split_for_jax_process`) is shuffled
+  (files and a `shuffle_buffer` of examples, seeded by (seed, epoch)) and
+  repeated as often as needed for `num_batches` batches of `batch_size`;
+  batches `skip_batches`.. are returned (a resumed run skips those it had used;
+  they are read, not decoded). The TFRecords are read sequentially, so this is
+  a shuffled stream rather than the independent per-step draws that
+  `image_folder` lists allow. An example's crop and flip (`augment`: the
+  training transform, else the evaluation one) are seeded by (seed, epoch, its
+  TFDS id, its position in the stream).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tf = image_folder._tf()  # pylint: disable=protected-access
+  data_dir = os.fspath(data_dir)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  local_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                           process_count=process_count, drop_remainder=True)
+  order_seed = int(np.random.default_rng([int(seed), _META_ORDER_STREAM, int(epoch)])
+                   .integers(2**31 - 1))
+  ds = _load_split(tfds, local_split, data_dir, shuffle_files=True, shuffle_seed=order_seed)
+  ds = ds.shuffle(shuffle_buffer, seed=order_seed, reshuffle_each_iteration=True).repeat()
+  ds = ds.take(int(num_batches) * batch_size).enumerate()
+  ds = ds.skip(int(skip_batches) * batch_size)
+  base_seed = int(np.random.default_rng([int(seed), _META_AUGMENT_STREAM, int(epoch)])
+                  .integers(2**31 - 1))
+
+  def load(position, example):
+    example_seed = tf.strings.to_hash_bucket_fast(example["tfds_id"], 2**31 - 1)
+    seeds = tf.random.experimental.stateless_fold_in(
+        tf.stack([tf.constant(base_seed, tf.int64), example_seed]), position)
+    return {"image": image_folder.preprocess(
+                example["image"], seeds, train=augment, image_size=image_size,
+                resize_size=resize_size, mean=mean, std=std),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
+  ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def num_examples(split: str, data_dir: str | os.PathLike) -> int:
+  """Examples in a split of the prepared dataset (from its metadata; reads no records)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  data_dir = os.fspath(data_dir)
+  return _cardinality(_load_split(tfds, split, data_dir, shuffle_files=False, shuffle_seed=None),
+                      f"{NAME} split {split!r}")
 
 
 def batches(split: str, data_dir: str | os.PathLike, **kwargs) -> Iterator[dict]:

@@ -1,0 +1,168 @@
+"""The ImageNet-LT, Places-LT and generic split-list configs run through the real runner.
+
+Each config is run for one step by `trainer.train_and_evaluate` on generated
+JPEG split lists (4 classes, 32x32 crops), streamed from disk as in a real
+run: the config's own model depth, method, Difficulty-Net widths, optimizer
+and schedule, with the global batch and the ResNet width reduced so that XLA
+compiles it in seconds on CPU (the base width is the only change to the
+model; depth and block type are the config's). Places-LT starts from a
+generated "pretrained" .npz with another class count, so the head is
+re-initialised; with learning rate 0 the checkpointed parameters after the
+step must then equal the file's everywhere but in the head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from dnet_jax.models import build_classifier
+from dnet_jax.models import pretrained
+from dnet_jax.state import create_train_state
+from experiments import pretrained_init
+from experiments import trainer
+from experiments.configs import imagenet_lt
+from experiments.configs import places_lt
+from experiments.configs import split_list_lt
+from experiments.errors import InvalidInputError
+from tests import split_list_data
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="tensorflow is not installed")
+
+NUM_CLASSES = 4
+TRAIN_COUNTS = [10, 6, 4, 3]
+META_PER_CLASS, TEST_PER_CLASS = 2, 2
+WIDTH = 8  # ResNet base width (64 in the real models)
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def fast_compilation():
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory):
+  return split_list_data.write_split_lists(tmp_path_factory.mktemp("lt_lists"), TRAIN_COUNTS,
+                                           META_PER_CLASS, TEST_PER_CLASS)
+
+
+@pytest.fixture
+def narrow_models(monkeypatch):
+  """The runner builds the config's ResNet with base width WIDTH instead of 64."""
+  monkeypatch.setattr(trainer, "build_classifier",
+                      lambda name, n, **kw: build_classifier(name, n, width=WIDTH, **kw))
+
+
+def tiny(config, lists, **overrides):
+  split_list_data.apply_to_config(config, lists, num_classes=NUM_CLASSES, image_size=IMAGE_SIZE)
+  config.batch_size, config.meta_batch_size, config.eval_batch_size = 4, 4, 8
+  config.many_threshold, config.few_threshold = 5, 4
+  config.num_epochs, config.max_steps = 1, 1
+  config.log_every_steps, config.progress_bar = 1, False
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def check_results(results, config):
+  assert results["steps"] == 1
+  assert results["data"]["name"] == config.data.name
+  assert results["data"]["class_counts"] == TRAIN_COUNTS
+  assert results["data"]["num_meta"] == NUM_CLASSES * META_PER_CLASS
+  assert results["data"]["num_test"] == NUM_CLASSES * TEST_PER_CLASS
+  assert results["data"]["shot_groups"] == {"many": [0, 1], "medium": [2], "few": [3]}
+  assert len(results["per_class_test_accuracy"]) == NUM_CLASSES
+  assert np.isfinite(results["history"]["train_loss"][-1])
+  assert 0.0 <= results["final_test"]["overall"] <= 1.0
+
+
+def random_variables(model, seed: int):
+  """Random variables of `model` in its own tree structure, without compiling its init."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(s.dtype), shapes)
+  # Positive BatchNorm variances, as a trained network has.
+  variables["batch_stats"] = jax.tree.map(lambda v: 1.0 + np.abs(v), variables["batch_stats"])
+  return variables
+
+
+def read_checkpoint(workdir, step):
+  with ocp.StandardCheckpointer() as reader:
+    return jax.device_get(reader.restore(os.path.join(workdir, "checkpoints", str(step),
+                                                      "state")))
+
+
+# The deep models use the public code's driver-only meta-gradient here only because the
+# nested second-order step of ResNet-50/152 takes XLA minutes to compile on CPU; the nested
+# one runs on ResNet-10 (split_list_lt) and is tested against finite differences elsewhere.
+def test_imagenet_lt_config_runs_a_step(tmp_path, lists, narrow_models):
+  config = tiny(imagenet_lt.get_config(), lists, meta_grad="driver_only")
+  assert (config.model, config.method, tuple(config.dnet.hidden)) == (
+      "resnet50", "difficulty_net_bs", (1024, 1024))
+  check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
+
+
+def test_split_list_config_runs_a_step(tmp_path, lists, narrow_models):
+  config = tiny(split_list_lt.get_config(), lists)
+  config.data.num_classes = 0  # inferred from the lists
+  assert config.meta_grad == "nested" and config.model == "resnet10"
+  check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
+
+
+def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models):
+  # "ImageNet" weights: the same ResNet-152 with a 10-class head, random but not the run's init.
+  path = str(tmp_path / "resnet152_pretrained.npz")
+  pretrained.save_variables_npz(
+      path, random_variables(build_classifier("resnet152", 10, width=WIDTH), seed=123))
+
+  config = tiny(places_lt.get_config(), lists, meta_grad="driver_only", pretrained_path=path,
+                learning_rate=0.0)  # lr 0: the step leaves the parameters as loaded
+  assert (config.model, tuple(config.dnet.hidden)) == ("resnet152", (512, 512))
+  workdir = str(tmp_path / "run")
+  check_results(trainer.train_and_evaluate(config, workdir), config)
+
+  saved = pretrained.flatten_variables({"params": read_checkpoint(workdir, 1)["params"]})
+  loaded = pretrained.read_npz(path)
+  assert saved["params/classifier/kernel"].shape == (32 * WIDTH, NUM_CLASSES)  # new head
+  body = [k for k in saved if not k.startswith("params/classifier/")]
+  assert len(body) > 400  # every conv and BatchNorm of the 152 layers
+  for key in body:
+    np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
+
+
+def test_load_into_state_reinitialises_a_head_of_another_shape(tmp_path):
+  model = build_classifier("resnet10", 3, width=4)
+  tx = optax.sgd(0.1, momentum=0.9)
+  sample = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  state = jax.jit(lambda k: create_train_state(k, model, tx, sample, 3))(jax.random.key(0))
+  path = str(tmp_path / "weights.npz")
+  pretrained.save_variables_npz(path, random_variables(build_classifier("resnet10", 5, width=4),
+                                                       seed=1))
+  new = pretrained_init.load_into_state(state, path, tx)
+  flat_new = pretrained.flatten_variables({"params": new.params})
+  flat_file, flat_old = pretrained.read_npz(path), pretrained.flatten_variables(
+      {"params": state.params})
+  for key, value in flat_new.items():
+    expected = flat_old[key] if key.startswith("params/classifier/") else flat_file[key]
+    np.testing.assert_array_equal(value, expected, err_msg=key)
+  momentum = jax.tree.leaves(new.opt_state)
+  assert all(not np.any(np.asarray(m)) for m in momentum)  # fresh optimizer state
+  with pytest.raises(InvalidInputError, match="does not exist"):
+    pretrained_init.load_into_state(state, str(tmp_path / "none.npz"), tx)
+  pretrained.save_variables_npz(path, random_variables(build_classifier("resnet50", 5, width=4),
+                                                       seed=2))
+  with pytest.raises(InvalidInputError, match=r"into this model: .*shape mismatch"):
+    pretrained_init.load_into_state(state, path, tx)

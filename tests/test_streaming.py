@@ -1,0 +1,159 @@
+"""The streamed data path of the runner (experiments/streaming.py) on generated JPEG lists.
+
+No model here: what each process reads, in which order, with which padding.
+The runner itself is run on these lists in tests/test_large_configs.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from experiments import streaming
+from experiments.configs import split_list_lt
+from experiments.errors import InvalidInputError
+from tests import split_list_data
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="tensorflow is not installed")
+
+TRAIN_COUNTS = [12, 6, 3]  # 21 images: 5 full batches of 4 per epoch
+META_PER_CLASS, TEST_PER_CLASS = 2, 3
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory):
+  return split_list_data.write_split_lists(tmp_path_factory.mktemp("lists"), TRAIN_COUNTS,
+                                           META_PER_CLASS, TEST_PER_CLASS)
+
+
+def tiny_config(lists, **overrides):
+  config = split_list_lt.get_config()
+  split_list_data.apply_to_config(config, lists, num_classes=0)  # inferred from the lists
+  config.batch_size, config.meta_batch_size, config.eval_batch_size = 4, 4, 4
+  config.many_threshold, config.few_threshold = 5, 4
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def load(config, process_index=0, process_count=1):
+  return streaming.load(config, process_index=process_index, process_count=process_count)
+
+
+def collect(data, start, end):
+  return list(data.train_stream(start, end, with_meta=True))
+
+
+def test_counts_groups_and_sizes_come_from_the_lists(lists):
+  data = load(tiny_config(lists))
+  assert data.num_classes == 3
+  np.testing.assert_array_equal(data.class_counts, TRAIN_COUNTS)
+  assert (data.num_train, data.num_meta, data.num_test) == (21, 6, 9)
+  assert data.steps_per_epoch == 5 and data.image_shape == (32, 32, 3)
+  groups = data.shot_groups(5, 4)
+  assert groups["many"].tolist() == [True, True, False]
+  assert groups["few"].tolist() == [False, False, True]
+  assert "streamed" in data.summary()
+
+
+def test_global_batches_do_not_depend_on_the_process_count(lists):
+  """Two processes read disjoint halves of exactly the batches one process reads."""
+  config = tiny_config(lists)
+  single = collect(load(config), 0, 7)  # crosses into the second epoch
+  halves = [collect(load(config, p, 2), 0, 7) for p in range(2)]
+  for step, (s, batch, meta) in enumerate(single):
+    assert s == step == halves[0][step][0] == halves[1][step][0]
+    for whole, parts in ((batch, [h[step][1] for h in halves]),
+                         (meta, [h[step][2] for h in halves])):
+      assert whole["image"].shape == (4, 32, 32, 3) and whole["image"].dtype == np.float32
+      assert parts[0]["image"].shape[0] == 2
+      for key in ("image", "label"):
+        np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
+      # Every image is the colour of its own class: the labels travel with the files.
+      mean, std = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
+      np.testing.assert_array_equal(split_list_data.decode(whole["image"], mean, std),
+                                    whole["label"])
+  # An epoch visits distinct training images; the next epoch reorders them.
+  first_epoch = np.concatenate([b["label"] for _, b, _ in single[:5]])
+  assert sorted(np.bincount(first_epoch, minlength=3)) <= sorted(TRAIN_COUNTS)
+  assert not np.array_equal(single[0][1]["image"], single[5][1]["image"])
+
+
+def test_a_resumed_stream_reads_what_the_uninterrupted_one_read(lists):
+  data = load(tiny_config(lists))
+  full = collect(data, 0, 9)
+  resumed = collect(data, 3, 9)  # inside epoch 0, across the epoch boundary at 5
+  assert [s for s, _, _ in resumed] == list(range(3, 9))
+  for (s, batch, meta), (s2, batch2, meta2) in zip(full[3:], resumed):
+    assert s == s2
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(batch[key], batch2[key])
+      np.testing.assert_array_equal(meta[key], meta2[key])
+
+
+def test_without_meta_batches(lists):
+  items = list(load(tiny_config(lists)).train_stream(0, 2, with_meta=False))
+  assert [meta for _, _, meta in items] == [None, None]
+
+
+@pytest.mark.parametrize("split,per_class", [("meta", META_PER_CLASS), ("test", TEST_PER_CLASS)])
+def test_evaluation_shards_cover_each_split_once(lists, split, per_class):
+  config = tiny_config(lists)
+  labels, batches_per_process = [], []
+  for process in range(2):
+    out = list(load(config, process, 2).eval_batches(split))
+    batches_per_process.append(len(out))
+    for batch in out:
+      assert batch["image"].shape == (2, 32, 32, 3)  # eval_batch_size 4 over 2 processes
+      labels.append(batch["label"][batch["mask"] == 1])
+  assert batches_per_process[0] == batches_per_process[1]  # the collectives stay in step
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels), minlength=3),
+                                [per_class] * 3)
+
+
+def test_invalid_settings_are_clear_errors(lists, tmp_path):
+  config = tiny_config(lists)
+  config.data.meta_list = ""
+  with pytest.raises(InvalidInputError, match=r"needs data\.meta_list"):
+    load(config)
+  with pytest.raises(InvalidInputError, match=r"meta_batch_size=8 exceeds the meta"):
+    load(tiny_config(lists, meta_batch_size=8))
+  with pytest.raises(InvalidInputError, match=r"no full batch"):
+    load(tiny_config(lists, batch_size=24))
+  config = tiny_config(lists)
+  config.data.num_classes = 4
+  with pytest.raises(InvalidInputError, match=r"1 class\(es\) have no training example \(3\)"):
+    load(config)
+  config = tiny_config(lists)
+  config.data.image_size = 16
+  with pytest.raises(InvalidInputError, match=r"image_size=16 is too small for model='resnet10'"):
+    load(config)
+  config = tiny_config(lists)
+  missing = tmp_path / "missing.txt"
+  missing.write_text("train/class_0/nope.jpg 0\n")
+  config.data.test_list = str(missing)
+  with pytest.raises(InvalidInputError, match=r"missing\.txt, line 1: image .*nope\.jpg"):
+    load(config)
+
+
+def test_tfds_imagenet_lt_source(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = tiny_config({}, batch_size=2, meta_batch_size=2, eval_batch_size=4)
+  config.data.source = "imagenet_lt"
+  config.data.data_dir = str(tmp_path)
+  config.data.num_classes = 1000
+  config.many_threshold, config.few_threshold = 100, 20
+  with tfds.testing.mock_data(num_examples=6):
+    data = load(config)
+    assert (data.num_train, data.num_meta, data.num_test) == (6, 6, 6)
+    assert data.num_classes == 1000 and data.class_counts.sum() == 6
+    assert data.steps_per_epoch == 3
+    items = collect(data, 2, 5)  # resumes inside epoch 0, crosses into epoch 1
+    evaluation = list(data.eval_batches("test"))
+  assert [s for s, _, _ in items] == [2, 3, 4]
+  for _, batch, meta in items:
+    assert batch["image"].shape == meta["image"].shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(np.concatenate([b["mask"] for b in evaluation]), [1] * 6 + [0] * 2)
