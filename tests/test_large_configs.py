@@ -34,22 +34,15 @@ from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                                reason="tensorflow is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                 reason="tensorflow is not installed"),
+              pytest.mark.usefixtures("fast_compilation")]  # tests/conftest.py
 
 NUM_CLASSES = 4
 TRAIN_COUNTS = [10, 6, 4, 3]
 META_PER_CLASS, TEST_PER_CLASS = 2, 2
 WIDTH = 8  # ResNet base width (64 in the real models)
 IMAGE_SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def fast_compilation():
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="module")
