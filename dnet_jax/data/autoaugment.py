@@ -44,6 +44,7 @@ generator's seed (``dnet_jax.data.public_cifar.transform_rng`` builds one from
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -109,6 +110,19 @@ MAGNITUDE_RANGES: dict[str, tuple[float, float] | None] = {
 }
 OPS: tuple[str, ...] = tuple(MAGNITUDE_RANGES)
 _NUM_BINS = 10  # magnitude bins 0..9 of the 11-point linspace
+
+
+def _bin_edges(op: str, magnitude: int) -> tuple[float, float]:
+  """``(v_m, v_{m+1})`` of the op's 11-point linspace; ``(0, 0)`` without magnitude."""
+  if op not in MAGNITUDE_RANGES:
+    raise ValueError(f"unknown AutoAugment op {op!r}; expected one of {OPS}.")
+  value_range = MAGNITUDE_RANGES[op]
+  if value_range is None:
+    return 0.0, 0.0
+  if not 0 <= magnitude < _NUM_BINS:
+    raise ValueError(f"magnitude bin must be in 0..{_NUM_BINS - 1}, got {magnitude}.")
+  grid = np.linspace(value_range[0], value_range[1], _NUM_BINS + 1)
+  return float(grid[magnitude]), float(grid[magnitude + 1])
 
 
 def magnitude_value(op: str, magnitude: int, u: float) -> float:
@@ -284,26 +298,18 @@ def _check_images(images: np.ndarray) -> np.ndarray:
   return images
 
 
-def _bin_edges(op: str, magnitude: int) -> tuple[float, float]:
-  """``(v_m, v_{m+1})`` of the op's 11-point linspace; ``(0, 0)`` without magnitude."""
-  if op not in MAGNITUDE_RANGES:
-    raise ValueError(f"unknown AutoAugment op {op!r}; expected one of {OPS}.")
-  value_range = MAGNITUDE_RANGES[op]
-  if value_range is None:
-    return 0.0, 0.0
-  if not 0 <= magnitude < _NUM_BINS:
-    raise ValueError(f"magnitude bin must be in 0..{_NUM_BINS - 1}, got {magnitude}.")
-  grid = np.linspace(value_range[0], value_range[1], _NUM_BINS + 1)
-  return float(grid[magnitude]), float(grid[magnitude + 1])
-
-
-def _policy_columns(policy: Sequence[SubPolicy]) -> tuple[np.ndarray, ...]:
-  """``(P, 2)`` op names, probabilities and bin edges (low, high) of a policy table."""
+@functools.lru_cache(maxsize=8)
+def _policy_table(policy: tuple[SubPolicy, ...]) -> tuple[np.ndarray, ...]:
   names = np.array([[p.first, p.second] for p in policy])
   probs = np.array([[p.first_prob, p.second_prob] for p in policy], np.float64)
   edges = np.array([[_bin_edges(p.first, p.first_magnitude),
                      _bin_edges(p.second, p.second_magnitude)] for p in policy])
   return names, probs, edges[..., 0], edges[..., 1]
+
+
+def _policy_columns(policy: Sequence[SubPolicy]) -> tuple[np.ndarray, ...]:
+  """``(P, 2)`` op names, probabilities and bin edges (low, high) of a policy table."""
+  return _policy_table(tuple(SubPolicy(*p) for p in policy))
 
 
 def ops_applied(params: AutoAugmentParams,
