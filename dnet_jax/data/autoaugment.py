@@ -48,7 +48,7 @@ import functools
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance
 from scipy import ndimage
 
 
