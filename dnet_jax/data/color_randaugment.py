@@ -1,0 +1,237 @@
+"""ImageNet-LT training augmentations of the public code, as seeded tf.data functions.
+
+The public Difficulty-Net code trains ImageNet-LT with (RECIPES.md "ImageNet-LT";
+ImageNet_Places-LT/datasets/imagenet.py lines 201-217)
+
+    reflect-pad 4 -> RandomResizedCrop 224 -> flip -> ColorJitter(0.4, 0.4, 0.4, 0)
+    -> RandAugment "rand-n2-m10-mstd0.5" -> normalise
+
+and Places-LT with the same chain without RandAugment. This module provides the pieces
+that `image_folder.preprocess` lacks, on uint8 [H, W, 3] images, each a pure function of
+the image and a stateless seed (int32/int64 [2]), so a batch is a function of
+(seed, step) whatever the tf.data threading. The random draws are separate
+`*_params` functions, so tests (and users) can reproduce exactly what was applied.
+
+ColorJitter (torchvision `transforms.ColorJitter` on PIL images): brightness,
+contrast and saturation factors are drawn uniformly in [max(0, 1 - x), 1 + x] and the
+three adjustments (`pil_ops.brightness`, `contrast`, `color`; hue 0 is skipped) are
+applied in a uniformly random order, each rounding to uint8 as PIL does.
+
+RandAugment, with the semantics of the timm copy in the public code
+(ImageNet_Places-LT/datasets/randaugment.py: `_RAND_TRANSFORMS` lines 315-331,
+`AutoAugmentOp.__call__` 304-312, `RandAugment.__call__` 399-403, level functions
+169-256): 2 ops drawn uniformly with replacement from the 15 below; each is applied
+with probability 0.5; its magnitude m ~ N(10, 0.5) clipped to [0, 10]; signed ops are
+negated with probability 0.5. With l = m / 10:
+
+    AutoContrast, Equalize, Invert   (no argument)
+    Rotate        30 l degrees, signed
+    PosterizeTpu  keep int(4 l) bits
+    Solarize      threshold int(256 l)
+    SolarizeAdd   add int(110 l) below 128
+    Color, Contrast, Brightness, Sharpness   factor 1.8 l + 0.1 (unsigned)
+    ShearX, ShearY                0.3 l, signed
+    TranslateXRel, TranslateYRel  0.45 l x width (height) pixels, signed
+
+Geometric ops fill with the ImageNet mean as uint8, (124, 116, 104)
+(imagenet.py:203). Two facts differ from a plain reading of the config string:
+the default op set uses the *relative* translations, so the public code's
+`translate_const=100` is never read and the largest shift is 0.45 x 224 = 100.8 px;
+and the posterize op is timm's "Tpu" variant (0 to 4 bits kept).
+
+Deviation: the public code resamples each geometric op with bilinear or bicubic
+interpolation chosen at random (randaugment.py:31 and 295, `_RANDOM_INTERPOLATION`);
+here every geometric op is bilinear.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+from dnet_jax.data import image_folder
+from dnet_jax.data import pil_ops
+
+tf = pil_ops.tf
+
+# These functions are written with explicit tf.cond / tf.switch_case, so AutoGraph
+# (which tf.data applies to a mapped function and everything it calls) has nothing to
+# convert; skipping it halves the time to build a pipeline.
+_graph_code = tf.autograph.experimental.do_not_convert
+
+# ImageNet mean (0.485, 0.456, 0.406) x 255, rounded: the public code's RandAugment fill.
+IMAGENET_FILL = (124, 116, 104)
+MAX_MAGNITUDE = 10.0
+
+RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeTpu", "Solarize",
+                    "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
+                    "ShearY", "TranslateXRel", "TranslateYRel")
+SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def split_seed(seed, num: int):
+  """`num` independent stateless seeds [num, 2] from one."""
+  return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num)
+
+
+def reflect_pad(image, padding: int = 4):
+  """Mirror-pad the borders without repeating the edge pixel (torch `F.pad(mode="reflect")`)."""
+  return tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
+
+
+def round_to_uint8(image):
+  """A float image in [0, 255] units (e.g. after a resize) -> uint8, rounded and clipped."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+# --- ColorJitter ------------------------------------------------------------------------------
+
+
+class ColorJitterParams(NamedTuple):
+  """The draws of one ColorJitter call."""
+  factors: tf.Tensor  # float32 [3]: brightness, contrast, saturation factors
+  order: tf.Tensor  # int32 [3]: a permutation of (0, 1, 2) = the order they are applied in
+
+
+def color_jitter_params(seed, brightness: float = 0.4, contrast: float = 0.4,
+                        saturation: float = 0.4) -> ColorJitterParams:
+  """Factors uniform in [max(0, 1 - x), 1 + x] and a uniformly random order."""
+  for name, value in (("brightness", brightness), ("contrast", contrast),
+                      ("saturation", saturation)):
+    if value < 0:
+      raise ValueError(f"ColorJitter {name} must be >= 0, got {value}.")
+  factor_seed, order_seed = tf.unstack(split_seed(seed, 2))
+  strengths = tf.constant([brightness, contrast, saturation], tf.float32)
+  low, high = tf.maximum(0.0, 1.0 - strengths), 1.0 + strengths
+  factors = low + (high - low) * tf.random.stateless_uniform([3], factor_seed)
+  order = tf.cast(tf.argsort(tf.random.stateless_uniform([3], order_seed)), tf.int32)
+  return ColorJitterParams(factors, order)
+
+
+@_graph_code
+def apply_color_jitter(image, params: ColorJitterParams):
+  """Brightness (0), contrast (1), saturation (2) adjustments in `params.order`."""
+  adjustments = (pil_ops.brightness, pil_ops.contrast, pil_ops.color)
+  for position in range(3):
+    which = params.order[position]
+    branches = [lambda fn=fn, k=k: fn(image, params.factors[k])
+                for k, fn in enumerate(adjustments)]
+    image = tf.switch_case(which, branches)
+  return image
+
+
+@_graph_code
+def color_jitter(image, seed, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.4):
+  """torchvision's `ColorJitter(brightness, contrast, saturation, hue=0)` on a uint8 image."""
+  return apply_color_jitter(image, color_jitter_params(seed, brightness, contrast, saturation))
+
+
+# --- RandAugment ------------------------------------------------------------------------------
+
+
+class RandAugmentParams(NamedTuple):
+  """The draws of one RandAugment call (one entry per layer)."""
+  op: tf.Tensor  # int32 [n]: index into RAND_AUGMENT_OPS
+  apply: tf.Tensor  # bool [n]: whether the op runs (probability `prob`)
+  magnitude: tf.Tensor  # float32 [n]: in [0, MAX_MAGNITUDE]
+  negate: tf.Tensor  # bool [n]: flip the sign of a signed op's argument
+
+
+def rand_augment_params(seed, num_layers: int = 2, magnitude: float = 10.0,
+                        magnitude_std: float = 0.5, prob: float = 0.5) -> RandAugmentParams:
+  """Ops uniform with replacement, Bernoulli(prob) application, magnitude
+  clip(N(magnitude, magnitude_std), 0, 10), Bernoulli(0.5) sign."""
+  if num_layers < 0 or not 0.0 <= prob <= 1.0 or magnitude_std < 0:
+    raise ValueError(f"RandAugment needs num_layers >= 0, 0 <= prob <= 1 and magnitude_std "
+                     f">= 0; got {num_layers}, {prob}, {magnitude_std}.")
+  op_seed, apply_seed, magnitude_seed, sign_seed = tf.unstack(split_seed(seed, 4))
+  op = tf.random.stateless_uniform([num_layers], op_seed, minval=0,
+                                   maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32)
+  apply = tf.random.stateless_uniform([num_layers], apply_seed) < prob
+  noise = tf.random.stateless_normal([num_layers], magnitude_seed)
+  drawn = tf.clip_by_value(magnitude + magnitude_std * noise, 0.0, MAX_MAGNITUDE)
+  negate = tf.random.stateless_uniform([num_layers], sign_seed) < 0.5
+  return RandAugmentParams(op, apply, drawn, negate)
+
+
+def _ops_table(image, level, sign, fill: Sequence[int]):
+  """The 15 ops as zero-argument branches for `tf.switch_case`, in RAND_AUGMENT_OPS order.
+
+  `level` = magnitude / 10 in float64 (as timm computes it in Python), `sign` = +-1.
+  """
+  size = tf.cast(tf.shape(image), tf.float64)
+  enhance = level * 1.8 + 0.1
+  return [
+      lambda: pil_ops.auto_contrast(image),
+      lambda: pil_ops.equalize(image),
+      lambda: pil_ops.invert(image),
+      lambda: pil_ops.rotate(image, sign * level * 30.0, fill),
+      lambda: pil_ops.posterize(image, tf.cast(level * 4.0, tf.int32)),
+      lambda: pil_ops.solarize(image, tf.cast(level * 256.0, tf.int32)),
+      lambda: pil_ops.solarize_add(image, tf.cast(level * 110.0, tf.int32)),
+      lambda: pil_ops.color(image, enhance),
+      lambda: pil_ops.contrast(image, enhance),
+      lambda: pil_ops.brightness(image, enhance),
+      lambda: pil_ops.sharpness(image, enhance),
+      lambda: pil_ops.shear_x(image, sign * level * 0.3, fill),
+      lambda: pil_ops.shear_y(image, sign * level * 0.3, fill),
+      lambda: pil_ops.translate_x(image, sign * level * 0.45 * size[1], fill),
+      lambda: pil_ops.translate_y(image, sign * level * 0.45 * size[0], fill),
+  ]
+
+
+@_graph_code
+def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_FILL):
+  """One RandAugment op (index into RAND_AUGMENT_OPS) at `magnitude` in [0, 10]."""
+  level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
+  sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
+                  tf.constant(1.0, tf.float64))
+  return tf.switch_case(tf.cast(op, tf.int32), _ops_table(image, level, sign, fill))
+
+
+@_graph_code
+def apply_rand_augment(image, params: RandAugmentParams, fill: Sequence[int] = IMAGENET_FILL):
+  """The layers of `params` in order, each only where `params.apply` is set."""
+  for layer in range(params.op.shape[0]):
+    image = tf.cond(params.apply[layer],
+                    lambda layer=layer: apply_op(image, params.op[layer],
+                                                 params.magnitude[layer],
+                                                 params.negate[layer], fill),
+                    lambda: image)
+  return image
+
+
+@_graph_code
+def rand_augment(image, seed, num_layers: int = 2, magnitude: float = 10.0,
+                 magnitude_std: float = 0.5, fill: Sequence[int] = IMAGENET_FILL):
+  """timm's `rand_augment_transform("rand-n2-m10-mstd0.5")` on a uint8 image (defaults)."""
+  return apply_rand_augment(image, rand_augment_params(seed, num_layers, magnitude,
+                                                       magnitude_std), fill)
+
+
+# --- the whole training transform ------------------------------------------------------------
+
+
+@_graph_code
+def train_augment(image, seed, *, image_size: int = 224, padding: int = 4,
+                  color_jitter_strength: float | None = 0.4, use_rand_augment: bool = True,
+                  fill: Sequence[int] = IMAGENET_FILL):
+  """uint8 [H, W, 3] -> augmented uint8 [image_size, image_size, 3], before normalisation.
+
+  reflect-pad `padding` -> RandomResizedCrop (`image_folder.random_resized_crop`) ->
+  horizontal flip -> ColorJitter(x, x, x) (skipped when None) -> RandAugment
+  (when `use_rand_augment`): the public ImageNet-LT chain with the defaults, the
+  Places-LT chain with `use_rand_augment=False`.
+  """
+  crop_seed, flip_seed, jitter_seed, augment_seed = tf.unstack(split_seed(seed, 4))
+  if padding:
+    image = reflect_pad(image, padding)
+  image = round_to_uint8(image_folder.random_resized_crop(image, crop_seed, image_size))
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  if color_jitter_strength is not None:
+    x = float(color_jitter_strength)
+    image = color_jitter(image, jitter_seed, x, x, x)
+  if use_rand_augment:
+    image = rand_augment(image, augment_seed, fill=fill)
+  image.set_shape([image_size, image_size, 3])
+  return image

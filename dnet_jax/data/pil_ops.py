@@ -1,0 +1,236 @@
+"""PIL's image operations as TensorFlow functions on uint8 [H, W, 3] images (tf.data-ready).
+
+The public Difficulty-Net code augments ImageNet-LT with torchvision's ColorJitter and
+timm's RandAugment, both of which call Pillow (ImageEnhance, ImageOps, Image.transform).
+These functions reproduce those Pillow operations with TensorFlow ops, so they run
+inside a `tf.data` map (graph mode, parallel C++ threads) and take their arguments as
+tensors. Each follows Pillow's arithmetic where it is documented or visible in its
+Python source; tests/test_color_randaugment.py compares every one with Pillow itself.
+
+- Point operations (Pillow `ImageOps`): `invert` (255 - x), `posterize` (x & ~(2^(8-bits)
+  - 1)), `solarize` (x < t ? x : 255 - x), `solarize_add` (x < 128 ? min(255, x + a) : x),
+  `auto_contrast` (per channel, lut(i) = clip(int(i * 255 / (hi - lo) - lo * 255 / (hi -
+  lo)), 0, 255) over the channel's min lo and max hi), `equalize` (per channel, with
+  step = (N - h[last non-empty bin]) // 255: lut(i) = (step // 2 + sum_{j<i} h[j]) // step,
+  identity if step is 0 or one bin only). Exact.
+- Blends (Pillow `ImageEnhance`): out = trunc(clip(d + f (x - d), 0, 255)) computed in
+  float32 as Pillow's `Image.blend` does, with the degenerate image d: black
+  (`brightness`), the grey image L = (19595 R + 38470 G + 7471 B + 2^15) >> 16 (`color`),
+  the constant int(mean(L) + 0.5) (`contrast`), or the 3x3 SMOOTH filter
+  ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded, border pixels unfiltered) (`sharpness`).
+- Affine warps (Pillow `Image.transform(AFFINE)` / `Image.rotate`): output pixel (x, y)
+  samples the input at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f) in
+  continuous coordinates; a sample outside [0, W) x [0, H) is the fill colour, inside it
+  is bilinear with edge-clamped neighbours, rounded to the nearest integer. Only
+  bilinear resampling is implemented (see `color_randaugment` for what that changes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from dnet_jax.data import image_folder
+
+# TensorFlow with the accelerators hidden from it (JAX owns them).
+tf = image_folder._tf()  # pylint: disable=protected-access
+
+# ITU-R 601-2 luma in Pillow's fixed point (Convert.c, "L24"): weights / 2^16.
+_LUMA_WEIGHTS = (19595, 38470, 7471)
+
+
+def _to_uint8(values):
+  """Clip to [0, 255] and truncate, as Pillow's blends store their float results."""
+  return tf.cast(tf.clip_by_value(values, 0.0, 255.0), tf.uint8)
+
+
+def grayscale(image):
+  """Pillow's RGB -> L conversion, (19595 R + 38470 G + 7471 B + 32768) >> 16, as uint8 [H, W]."""
+  rgb = tf.cast(image, tf.int32)
+  luma = (rgb[..., 0] * _LUMA_WEIGHTS[0] + rgb[..., 1] * _LUMA_WEIGHTS[1]
+          + rgb[..., 2] * _LUMA_WEIGHTS[2] + 32768)
+  return tf.cast(tf.bitwise.right_shift(luma, 16), tf.uint8)
+
+
+def blend(degenerate, image, factor):
+  """Pillow's `Image.blend(degenerate, image, factor)` in float32, truncated to uint8."""
+  factor = tf.cast(factor, tf.float32)
+  d = tf.cast(degenerate, tf.float32)
+  return _to_uint8(d + factor * (tf.cast(image, tf.float32) - d))
+
+
+def brightness(image, factor):
+  """`ImageEnhance.Brightness(image).enhance(factor)`: blend with black."""
+  return blend(tf.zeros_like(image), image, factor)
+
+
+def color(image, factor):
+  """`ImageEnhance.Color(image).enhance(factor)`: blend with the grey image (saturation)."""
+  grey = tf.repeat(grayscale(image)[..., None], 3, axis=-1)
+  return blend(grey, image, factor)
+
+
+def contrast(image, factor):
+  """`ImageEnhance.Contrast(image).enhance(factor)`: blend with the mean grey level."""
+  mean = tf.reduce_mean(tf.cast(grayscale(image), tf.float64))
+  level = tf.floor(mean + 0.5)
+  return blend(tf.fill(tf.shape(image), tf.cast(level, tf.uint8)), image, factor)
+
+
+def smooth(image):
+  """Pillow's `ImageFilter.SMOOTH`: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded;
+  the first and last rows and columns are copied unfiltered (Pillow's Filter.c)."""
+  x = tf.cast(image, tf.float32)[None]
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  # Integer sums (exact in float32); floor(k / 13 + 1/2) never ties since 13 is odd.
+  sums = tf.cast(tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")[0], tf.int32)
+  interior = tf.cast(tf.math.floordiv(2 * sums + 13, 26), tf.uint8)
+  padded = tf.pad(interior, [[1, 1], [1, 1], [0, 0]])
+  shape = tf.shape(image)
+  rows = tf.range(shape[0])[:, None, None]
+  cols = tf.range(shape[1])[None, :, None]
+  inside = (rows > 0) & (rows < shape[0] - 1) & (cols > 0) & (cols < shape[1] - 1)
+  return tf.where(inside, padded, image)
+
+
+def sharpness(image, factor):
+  """`ImageEnhance.Sharpness(image).enhance(factor)`: blend with the smoothed image."""
+  return blend(smooth(image), image, factor)
+
+
+def _apply_lut(image, luts):
+  """Per-channel lookup: luts int32 [3, 256]."""
+  channels = [tf.gather(luts[c], tf.cast(image[..., c], tf.int32)) for c in range(3)]
+  return tf.cast(tf.stack(channels, axis=-1), tf.uint8)
+
+
+def invert(image):
+  """`ImageOps.invert`: 255 - x."""
+  return 255 - image
+
+
+def posterize(image, bits):
+  """`ImageOps.posterize(image, bits)`: keep the `bits` most significant bits.
+
+  bits = 0 gives black, as Pillow before 10 did (newer Pillow rejects 0); bits >= 8 is
+  the identity, as timm's wrapper makes it."""
+  bits = tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
+  mask = tf.cast(tf.bitwise.invert(tf.bitwise.left_shift(1, 8 - bits) - 1) & 255, tf.uint8)
+  return tf.bitwise.bitwise_and(image, mask)
+
+
+def solarize(image, threshold):
+  """`ImageOps.solarize(image, threshold)`: x < threshold ? x : 255 - x."""
+  threshold = tf.cast(threshold, tf.int32)
+  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+
+
+def solarize_add(image, addition, threshold=128):
+  """timm's `solarize_add`: x < threshold ? min(255, x + addition) : x."""
+  x = tf.cast(image, tf.int32)
+  added = tf.minimum(x + tf.cast(addition, tf.int32), 255)
+  return tf.cast(tf.where(x < tf.cast(threshold, tf.int32), added, x), tf.uint8)
+
+
+def auto_contrast(image):
+  """`ImageOps.autocontrast(image)` (no cutoff): stretch each channel's [min, max] to
+  [0, 255] with lut(i) = int(i * scale + offset), scale = 255 / (max - min),
+  offset = -min * scale, in float64 as Pillow's Python code computes it."""
+  luts = []
+  index = tf.range(256, dtype=tf.float64)
+  for c in range(3):
+    channel = tf.cast(image[..., c], tf.float64)
+    lo, hi = tf.reduce_min(channel), tf.reduce_max(channel)
+    scale = 255.0 / tf.maximum(hi - lo, 1.0)
+    offset = -lo * scale
+    stretched = tf.clip_by_value(tf.cast(index * scale + offset, tf.int32), 0, 255)
+    luts.append(tf.where(hi > lo, stretched, tf.range(256)))
+  return _apply_lut(image, tf.stack(luts))
+
+
+def equalize(image):
+  """`ImageOps.equalize(image)`: per-channel histogram equalisation (see the module
+  docstring for the lookup table)."""
+  luts = []
+  for c in range(3):
+    histogram = tf.math.bincount(tf.cast(image[..., c], tf.int32), minlength=256,
+                                 maxlength=256, dtype=tf.int64)
+    nonzero = tf.where(histogram > 0)[:, 0]
+    last = tf.gather(histogram, nonzero[-1])
+    step = (tf.reduce_sum(histogram) - last) // 255
+    safe_step = tf.maximum(step, 1)
+    below = tf.cumsum(histogram, exclusive=True)
+    lut = tf.cast(tf.minimum((safe_step // 2 + below) // safe_step, 255), tf.int32)
+    identity = (tf.size(nonzero) <= 1) | (step == 0)
+    luts.append(tf.where(identity, tf.range(256), lut))
+  return _apply_lut(image, tf.stack(luts))
+
+
+def affine(image, matrix, fill: Sequence[int]):
+  """`image.transform(size, Image.AFFINE, matrix, resample=BILINEAR, fillcolor=fill)`.
+
+  `matrix` (a, b, c, d, e, f) maps output to input coordinates in Pillow's convention
+  (pixel centres at +0.5, see the module docstring). Computed in float64; the
+  interpolated value is rounded to the nearest integer.
+  """
+  matrix = tf.cast(tf.convert_to_tensor(matrix), tf.float64)
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  ys = tf.cast(tf.range(height), tf.float64)[:, None] + 0.5
+  xs = tf.cast(tf.range(width), tf.float64)[None, :] + 0.5
+  u = matrix[0] * xs + matrix[1] * ys + matrix[2]
+  v = matrix[3] * xs + matrix[4] * ys + matrix[5]
+  w_f, h_f = tf.cast(width, tf.float64), tf.cast(height, tf.float64)
+  inside = (u >= 0.0) & (u < w_f) & (v >= 0.0) & (v < h_f)
+  u, v = u - 0.5, v - 0.5
+  x0, y0 = tf.floor(u), tf.floor(v)
+  dx, dy = (u - x0)[..., None], (v - y0)[..., None]
+  x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+  xa, xb = tf.clip_by_value(x0, 0, width - 1), tf.clip_by_value(x0 + 1, 0, width - 1)
+  ya, yb = tf.clip_by_value(y0, 0, height - 1), tf.clip_by_value(y0 + 1, 0, height - 1)
+  pixels = tf.cast(image, tf.float64)
+  at = lambda yy, xx: tf.gather_nd(pixels, tf.stack([yy, xx], axis=-1))
+  top = at(ya, xa) + (at(ya, xb) - at(ya, xa)) * dx
+  bottom = at(yb, xa) + (at(yb, xb) - at(yb, xa)) * dx
+  value = tf.floor(top + (bottom - top) * dy)
+  fill = tf.broadcast_to(tf.constant(fill, tf.float64), tf.shape(value))
+  out = tf.where(inside[..., None], value, fill)
+  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+
+
+def rotate(image, degrees, fill: Sequence[int]):
+  """`image.rotate(degrees, resample=BILINEAR, fillcolor=fill)`: counter-clockwise about
+  the centre (W/2, H/2), output size unchanged (Pillow's `Image.rotate` matrix)."""
+  angle = -tf.cast(degrees, tf.float64) * (math.pi / 180.0)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  shape = tf.cast(tf.shape(image), tf.float64)
+  cx, cy = shape[1] / 2.0, shape[0] / 2.0
+  c = cos * -cx + sin * -cy + cx
+  f = -sin * -cx + cos * -cy + cy
+  return affine(image, tf.stack([cos, sin, c, -sin, cos, f]), fill)
+
+
+def shear_x(image, factor, fill: Sequence[int]):
+  """timm's `shear_x`: AFFINE (1, factor, 0, 0, 1, 0)."""
+  factor = tf.cast(factor, tf.float64)
+  return affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]), fill)
+
+
+def shear_y(image, factor, fill: Sequence[int]):
+  """timm's `shear_y`: AFFINE (1, 0, 0, factor, 1, 0)."""
+  factor = tf.cast(factor, tf.float64)
+  return affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]), fill)
+
+
+def translate_x(image, pixels, fill: Sequence[int]):
+  """timm's `translate_x_abs`: AFFINE (1, 0, pixels, 0, 1, 0) (content moves left for
+  pixels > 0)."""
+  pixels = tf.cast(pixels, tf.float64)
+  return affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]), fill)
+
+
+def translate_y(image, pixels, fill: Sequence[int]):
+  """timm's `translate_y_abs`: AFFINE (1, 0, 0, 0, 1, pixels)."""
+  pixels = tf.cast(pixels, tf.float64)
+  return affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]), fill)
