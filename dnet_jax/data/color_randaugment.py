@@ -53,7 +53,7 @@ from dnet_jax.data import pil_ops
 
 tf = pil_ops.tf
 
-# These functions are written with explicit tf.cond / tf.switch_case, so AutoGraph
+# These functions are written with explicit tf.cond, so AutoGraph
 # (which tf.data applies to a mapped function and everything it calls) has nothing to
 # convert; skipping it halves the time to build a pipeline.
 _graph_code = tf.autograph.experimental.do_not_convert
@@ -66,6 +66,20 @@ RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeTp
                     "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
                     "ShearY", "TranslateXRel", "TranslateYRel")
 SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def select_branch(index, branches):
+  """`branches[index]()`, as a balanced tree of `tf.cond` (what `tf.switch_case` computes).
+
+  Inside tf.data a call costs more the more branches the graph holds, even untaken
+  (measured with experiments/stream_augment_benchmark.py), so RandAugment groups its 15
+  ops into 3 branches (`apply_op`).
+  """
+  if len(branches) == 1:
+    return branches[0]()
+  half = len(branches) // 2
+  return tf.cond(index < half, lambda: select_branch(index, branches[:half]),
+                 lambda: select_branch(index - half, branches[half:]))
 
 
 def split_seed(seed, num: int):
@@ -110,12 +124,13 @@ def color_jitter_params(seed, brightness: float = 0.4, contrast: float = 0.4,
 @_graph_code
 def apply_color_jitter(image, params: ColorJitterParams):
   """Brightness (0), contrast (1), saturation (2) adjustments in `params.order`."""
-  adjustments = (pil_ops.brightness, pil_ops.contrast, pil_ops.color)
   for position in range(3):
     which = params.order[position]
-    branches = [lambda fn=fn, k=k: fn(image, params.factors[k])
-                for k, fn in enumerate(adjustments)]
-    image = tf.switch_case(which, branches)
+    # Blend partners: black (brightness), mean grey (contrast), grey image (saturation).
+    grey = pil_ops.grayscale(image)
+    degenerate = tf.where(which == 0, tf.zeros_like(image), pil_ops.mean_grey_image(image, grey))
+    degenerate = tf.where(which == 2, tf.repeat(grey[..., None], 3, axis=-1), degenerate)
+    image = pil_ops.blend(degenerate, image, tf.gather(params.factors, which))
   return image
 
 
@@ -154,39 +169,63 @@ def rand_augment_params(seed, num_layers: int = 2, magnitude: float = 10.0,
   return RandAugmentParams(op, apply, drawn, negate)
 
 
-def _ops_table(image, level, sign, fill: Sequence[int]):
-  """The 15 ops as zero-argument branches for `tf.switch_case`, in RAND_AUGMENT_OPS order.
+# Each op is one of three kinds, computed by one branch each (see `select_branch`): a
+# per-channel lookup table, a blend with a degenerate image, or an affine warp;
+# `_POSITION` is the op's place among the candidates of its kind.
+_LUT, _BLEND, _AFFINE = 0, 1, 2
+_KIND = (_LUT, _LUT, _LUT, _AFFINE, _LUT, _LUT, _LUT, _BLEND, _BLEND, _BLEND, _BLEND, _AFFINE,
+         _AFFINE, _AFFINE, _AFFINE)
+_POSITION = (0, 1, 2, 0, 3, 4, 5, 0, 1, 2, 3, 1, 2, 3, 4)
 
-  `level` = magnitude / 10 in float64 (as timm computes it in Python), `sign` = +-1.
-  """
-  size = tf.cast(tf.shape(image), tf.float64)
-  enhance = level * 1.8 + 0.1
-  return [
-      lambda: pil_ops.auto_contrast(image),
-      lambda: pil_ops.equalize(image),
-      lambda: pil_ops.invert(image),
-      lambda: pil_ops.rotate(image, sign * level * 30.0, fill),
-      lambda: pil_ops.posterize(image, tf.cast(level * 4.0, tf.int32)),
-      lambda: pil_ops.solarize(image, tf.cast(level * 256.0, tf.int32)),
-      lambda: pil_ops.solarize_add(image, tf.cast(level * 110.0, tf.int32)),
-      lambda: pil_ops.color(image, enhance),
-      lambda: pil_ops.contrast(image, enhance),
-      lambda: pil_ops.brightness(image, enhance),
-      lambda: pil_ops.sharpness(image, enhance),
-      lambda: pil_ops.shear_x(image, sign * level * 0.3, fill),
-      lambda: pil_ops.shear_y(image, sign * level * 0.3, fill),
-      lambda: pil_ops.translate_x(image, sign * level * 0.45 * size[1], fill),
-      lambda: pil_ops.translate_y(image, sign * level * 0.45 * size[0], fill),
-  ]
+
+def _lut_op(image, position, level):
+  """AutoContrast, Equalize, Invert, PosterizeTpu, Solarize, SolarizeAdd (positions 0-5)."""
+  histogram = pil_ops.histograms(image)
+  luts = tf.stack([pil_ops.auto_contrast_lut(histogram), pil_ops.equalize_lut(histogram),
+                   pil_ops.invert_lut(), pil_ops.posterize_lut(tf.cast(level * 4.0, tf.int32)),
+                   pil_ops.solarize_lut(tf.cast(level * 256.0, tf.int32)),
+                   pil_ops.solarize_add_lut(tf.cast(level * 110.0, tf.int32))])
+  return pil_ops.apply_lut(image, tf.gather(luts, position))
+
+
+def _degenerate(image, position):
+  """The blend partner of Color (0), Contrast (1), Brightness (2), Sharpness (3)."""
+  grey = pil_ops.grayscale(image)
+  degenerate = tf.where(position == 0, tf.repeat(grey[..., None], 3, axis=-1),
+                        pil_ops.mean_grey_image(image, grey))
+  degenerate = tf.where(position == 2, tf.zeros_like(image), degenerate)
+  return tf.cond(position == 3, lambda: pil_ops.smooth(image), lambda: degenerate)
+
+
+def _affine_op(image, position, level, sign, fill):
+  """Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (positions 0-4)."""
+  shape = tf.shape(image)
+  height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  signed = sign * level
+  matrices = tf.stack([pil_ops.rotation_matrix(signed * 30.0, shape[0], shape[1]),
+                       pil_ops.shear_x_matrix(signed * 0.3), pil_ops.shear_y_matrix(signed * 0.3),
+                       pil_ops.translate_x_matrix(signed * 0.45 * width),
+                       pil_ops.translate_y_matrix(signed * 0.45 * height)])
+  return pil_ops.affine(image, tf.gather(matrices, position), fill)
 
 
 @_graph_code
 def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_FILL):
-  """One RandAugment op (index into RAND_AUGMENT_OPS) at `magnitude` in [0, 10]."""
+  """One RandAugment op (index into RAND_AUGMENT_OPS) at `magnitude` in [0, 10].
+
+  With level l = magnitude / 10 in float64 (as timm computes it in Python) and the sign
+  -1 where `negate`, the arguments are those of the module docstring.
+  """
+  op = tf.cast(op, tf.int32)
   level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
   sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
                   tf.constant(1.0, tf.float64))
-  return tf.switch_case(tf.cast(op, tf.int32), _ops_table(image, level, sign, fill))
+  kind = tf.gather(tf.constant(_KIND), op)
+  position = tf.gather(tf.constant(_POSITION), op)
+  return select_branch(kind, [
+      lambda: _lut_op(image, position, level),
+      lambda: pil_ops.blend(_degenerate(image, position), image, level * 1.8 + 0.1),
+      lambda: _affine_op(image, position, level, sign, fill)])
 
 
 @_graph_code

@@ -64,17 +64,27 @@ def brightness(image, factor):
   return blend(tf.zeros_like(image), image, factor)
 
 
+def grey_image(image):
+  """The degenerate image of `ImageEnhance.Color`: L replicated to 3 channels."""
+  return tf.repeat(grayscale(image)[..., None], 3, axis=-1)
+
+
+def mean_grey_image(image, grey=None):
+  """The degenerate image of `ImageEnhance.Contrast`: int(mean(L) + 0.5) everywhere
+  (`grey`: the image's `grayscale`, when already computed)."""
+  grey = grayscale(image) if grey is None else grey
+  mean = tf.reduce_mean(tf.cast(grey, tf.float64))
+  return tf.fill(tf.shape(image), tf.cast(tf.floor(mean + 0.5), tf.uint8))
+
+
 def color(image, factor):
   """`ImageEnhance.Color(image).enhance(factor)`: blend with the grey image (saturation)."""
-  grey = tf.repeat(grayscale(image)[..., None], 3, axis=-1)
-  return blend(grey, image, factor)
+  return blend(grey_image(image), image, factor)
 
 
 def contrast(image, factor):
   """`ImageEnhance.Contrast(image).enhance(factor)`: blend with the mean grey level."""
-  mean = tf.reduce_mean(tf.cast(grayscale(image), tf.float64))
-  level = tf.floor(mean + 0.5)
-  return blend(tf.fill(tf.shape(image), tf.cast(level, tf.uint8)), image, factor)
+  return blend(mean_grey_image(image), image, factor)
 
 
 def smooth(image):
@@ -99,72 +109,108 @@ def sharpness(image, factor):
   return blend(smooth(image), image, factor)
 
 
-def _apply_lut(image, luts):
-  """Per-channel lookup: luts int32 [3, 256]."""
+def apply_lut(image, luts):
+  """Per-channel lookup table: out[..., c] = luts[c, image[..., c]], luts int32 [3, 256]."""
   channels = [tf.gather(luts[c], tf.cast(image[..., c], tf.int32)) for c in range(3)]
   return tf.cast(tf.stack(channels, axis=-1), tf.uint8)
 
 
-def invert(image):
+def _same_for_channels(lut):
+  return tf.tile(tf.cast(lut, tf.int32)[None], [3, 1])
+
+
+def invert_lut():
   """`ImageOps.invert`: 255 - x."""
-  return 255 - image
+  return _same_for_channels(255 - tf.range(256))
 
 
-def posterize(image, bits):
+def posterize_lut(bits):
   """`ImageOps.posterize(image, bits)`: keep the `bits` most significant bits.
 
   bits = 0 gives black, as Pillow before 10 did (newer Pillow rejects 0); bits >= 8 is
   the identity, as timm's wrapper makes it."""
   bits = tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-  mask = tf.cast(tf.bitwise.invert(tf.bitwise.left_shift(1, 8 - bits) - 1) & 255, tf.uint8)
-  return tf.bitwise.bitwise_and(image, mask)
+  mask = tf.bitwise.invert(tf.bitwise.left_shift(1, 8 - bits) - 1) & 255
+  return _same_for_channels(tf.bitwise.bitwise_and(tf.range(256), mask))
+
+
+def solarize_lut(threshold):
+  """`ImageOps.solarize(image, threshold)`: x < threshold ? x : 255 - x."""
+  x = tf.range(256)
+  return _same_for_channels(tf.where(x < tf.cast(threshold, tf.int32), x, 255 - x))
+
+
+def solarize_add_lut(addition, threshold=128):
+  """timm's `solarize_add`: x < threshold ? min(255, x + addition) : x."""
+  x = tf.range(256)
+  added = tf.minimum(x + tf.cast(addition, tf.int32), 255)
+  return _same_for_channels(tf.where(x < tf.cast(threshold, tf.int32), added, x))
+
+
+def histograms(image):
+  """Per-channel histograms, int64 [3, 256]."""
+  return tf.stack([tf.math.bincount(tf.cast(image[..., c], tf.int32), minlength=256,
+                                    maxlength=256, dtype=tf.int64) for c in range(3)])
+
+
+def auto_contrast_lut(histogram):
+  """`ImageOps.autocontrast` (no cutoff) from per-channel histograms [3, 256]: stretch each
+  channel's [lo, hi] (lowest and highest non-empty bins) to [0, 255] with
+  lut(i) = int(i * scale + offset), scale = 255 / (hi - lo), offset = -lo * scale, in
+  float64 as Pillow's Python code computes it; the identity where hi <= lo."""
+  occupied = histogram > 0
+  index = tf.range(256, dtype=tf.float64)
+  lo = tf.reduce_min(tf.where(occupied, index, 255.0), axis=1, keepdims=True)
+  hi = tf.reduce_max(tf.where(occupied, index, 0.0), axis=1, keepdims=True)
+  scale = 255.0 / tf.maximum(hi - lo, 1.0)
+  offset = -lo * scale
+  stretched = tf.clip_by_value(tf.cast(index * scale + offset, tf.int32), 0, 255)
+  return tf.where(hi > lo, stretched, tf.range(256)[None])
+
+
+def equalize_lut(histogram):
+  """`ImageOps.equalize` from per-channel histograms [3, 256] (lookup table in the module
+  docstring)."""
+  index = tf.range(256, dtype=tf.int64)
+  occupied = histogram > 0
+  last_bin = tf.reduce_max(tf.where(occupied, index, -1), axis=1, keepdims=True)
+  last = tf.reduce_sum(tf.where(index[None] == last_bin, histogram, 0), axis=1, keepdims=True)
+  step = (tf.reduce_sum(histogram, axis=1, keepdims=True) - last) // 255
+  safe_step = tf.maximum(step, 1)
+  below = tf.cumsum(histogram, axis=1, exclusive=True)
+  lut = tf.cast(tf.minimum((safe_step // 2 + below) // safe_step, 255), tf.int32)
+  single = tf.reduce_sum(tf.cast(occupied, tf.int32), axis=1, keepdims=True) <= 1
+  return tf.where(single | (step == 0), tf.range(256)[None], lut)
+
+
+def invert(image):
+  """`ImageOps.invert`."""
+  return apply_lut(image, invert_lut())
+
+
+def posterize(image, bits):
+  """`ImageOps.posterize` (see `posterize_lut`)."""
+  return apply_lut(image, posterize_lut(bits))
 
 
 def solarize(image, threshold):
-  """`ImageOps.solarize(image, threshold)`: x < threshold ? x : 255 - x."""
-  threshold = tf.cast(threshold, tf.int32)
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  """`ImageOps.solarize`."""
+  return apply_lut(image, solarize_lut(threshold))
 
 
 def solarize_add(image, addition, threshold=128):
-  """timm's `solarize_add`: x < threshold ? min(255, x + addition) : x."""
-  x = tf.cast(image, tf.int32)
-  added = tf.minimum(x + tf.cast(addition, tf.int32), 255)
-  return tf.cast(tf.where(x < tf.cast(threshold, tf.int32), added, x), tf.uint8)
+  """timm's `solarize_add`."""
+  return apply_lut(image, solarize_add_lut(addition, threshold))
 
 
 def auto_contrast(image):
-  """`ImageOps.autocontrast(image)` (no cutoff): stretch each channel's [min, max] to
-  [0, 255] with lut(i) = int(i * scale + offset), scale = 255 / (max - min),
-  offset = -min * scale, in float64 as Pillow's Python code computes it."""
-  luts = []
-  index = tf.range(256, dtype=tf.float64)
-  for c in range(3):
-    channel = tf.cast(image[..., c], tf.float64)
-    lo, hi = tf.reduce_min(channel), tf.reduce_max(channel)
-    scale = 255.0 / tf.maximum(hi - lo, 1.0)
-    offset = -lo * scale
-    stretched = tf.clip_by_value(tf.cast(index * scale + offset, tf.int32), 0, 255)
-    luts.append(tf.where(hi > lo, stretched, tf.range(256)))
-  return _apply_lut(image, tf.stack(luts))
+  """`ImageOps.autocontrast(image)`."""
+  return apply_lut(image, auto_contrast_lut(histograms(image)))
 
 
 def equalize(image):
-  """`ImageOps.equalize(image)`: per-channel histogram equalisation (see the module
-  docstring for the lookup table)."""
-  luts = []
-  for c in range(3):
-    histogram = tf.math.bincount(tf.cast(image[..., c], tf.int32), minlength=256,
-                                 maxlength=256, dtype=tf.int64)
-    nonzero = tf.where(histogram > 0)[:, 0]
-    last = tf.gather(histogram, nonzero[-1])
-    step = (tf.reduce_sum(histogram) - last) // 255
-    safe_step = tf.maximum(step, 1)
-    below = tf.cumsum(histogram, exclusive=True)
-    lut = tf.cast(tf.minimum((safe_step // 2 + below) // safe_step, 255), tf.int32)
-    identity = (tf.size(nonzero) <= 1) | (step == 0)
-    luts.append(tf.where(identity, tf.range(256), lut))
-  return _apply_lut(image, tf.stack(luts))
+  """`ImageOps.equalize(image)`."""
+  return apply_lut(image, equalize_lut(histograms(image)))
 
 
 def affine(image, matrix, fill: Sequence[int]):
@@ -189,8 +235,8 @@ def affine(image, matrix, fill: Sequence[int]):
   x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
   xa, xb = tf.clip_by_value(x0, 0, width - 1), tf.clip_by_value(x0 + 1, 0, width - 1)
   ya, yb = tf.clip_by_value(y0, 0, height - 1), tf.clip_by_value(y0 + 1, 0, height - 1)
-  pixels = tf.cast(image, tf.float64)
-  at = lambda yy, xx: tf.gather_nd(pixels, tf.stack([yy, xx], axis=-1))
+  pixels = tf.reshape(tf.cast(image, tf.float64), [-1, 3])
+  at = lambda yy, xx: tf.gather(pixels, yy * width + xx)
   top = at(ya, xa) + (at(ya, xb) - at(ya, xa)) * dx
   bottom = at(yb, xa) + (at(yb, xb) - at(yb, xa)) * dx
   value = tf.floor(top + (bottom - top) * dy)
@@ -199,38 +245,61 @@ def affine(image, matrix, fill: Sequence[int]):
   return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
 
 
-def rotate(image, degrees, fill: Sequence[int]):
-  """`image.rotate(degrees, resample=BILINEAR, fillcolor=fill)`: counter-clockwise about
-  the centre (W/2, H/2), output size unchanged (Pillow's `Image.rotate` matrix)."""
+def rotation_matrix(degrees, height, width):
+  """Pillow's `Image.rotate` matrix: counter-clockwise by `degrees` about (W/2, H/2)."""
   angle = -tf.cast(degrees, tf.float64) * (math.pi / 180.0)
   cos, sin = tf.cos(angle), tf.sin(angle)
-  shape = tf.cast(tf.shape(image), tf.float64)
-  cx, cy = shape[1] / 2.0, shape[0] / 2.0
-  c = cos * -cx + sin * -cy + cx
-  f = -sin * -cx + cos * -cy + cy
-  return affine(image, tf.stack([cos, sin, c, -sin, cos, f]), fill)
+  cx, cy = tf.cast(width, tf.float64) / 2.0, tf.cast(height, tf.float64) / 2.0
+  return tf.stack([cos, sin, cos * -cx + sin * -cy + cx,
+                   -sin, cos, -sin * -cx + cos * -cy + cy])
+
+
+def shear_x_matrix(factor):
+  """timm's `shear_x`: AFFINE (1, factor, 0, 0, 1, 0)."""
+  one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+  return tf.stack([one, tf.cast(factor, tf.float64), zero, zero, one, zero])
+
+
+def shear_y_matrix(factor):
+  """timm's `shear_y`: AFFINE (1, 0, 0, factor, 1, 0)."""
+  one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+  return tf.stack([one, zero, zero, tf.cast(factor, tf.float64), one, zero])
+
+
+def translate_x_matrix(pixels):
+  """timm's `translate_x_abs`: AFFINE (1, 0, pixels, 0, 1, 0) (content moves left for
+  pixels > 0)."""
+  one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+  return tf.stack([one, zero, tf.cast(pixels, tf.float64), zero, one, zero])
+
+
+def translate_y_matrix(pixels):
+  """timm's `translate_y_abs`: AFFINE (1, 0, 0, 0, 1, pixels)."""
+  one, zero = tf.constant(1.0, tf.float64), tf.constant(0.0, tf.float64)
+  return tf.stack([one, zero, zero, zero, one, tf.cast(pixels, tf.float64)])
+
+
+def rotate(image, degrees, fill: Sequence[int]):
+  """`image.rotate(degrees, resample=BILINEAR, fillcolor=fill)` (output size unchanged)."""
+  shape = tf.shape(image)
+  return affine(image, rotation_matrix(degrees, shape[0], shape[1]), fill)
 
 
 def shear_x(image, factor, fill: Sequence[int]):
-  """timm's `shear_x`: AFFINE (1, factor, 0, 0, 1, 0)."""
-  factor = tf.cast(factor, tf.float64)
-  return affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]), fill)
+  """timm's `shear_x` with bilinear resampling."""
+  return affine(image, shear_x_matrix(factor), fill)
 
 
 def shear_y(image, factor, fill: Sequence[int]):
-  """timm's `shear_y`: AFFINE (1, 0, 0, factor, 1, 0)."""
-  factor = tf.cast(factor, tf.float64)
-  return affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]), fill)
+  """timm's `shear_y` with bilinear resampling."""
+  return affine(image, shear_y_matrix(factor), fill)
 
 
 def translate_x(image, pixels, fill: Sequence[int]):
-  """timm's `translate_x_abs`: AFFINE (1, 0, pixels, 0, 1, 0) (content moves left for
-  pixels > 0)."""
-  pixels = tf.cast(pixels, tf.float64)
-  return affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]), fill)
+  """timm's `translate_x_abs` with bilinear resampling."""
+  return affine(image, translate_x_matrix(pixels), fill)
 
 
 def translate_y(image, pixels, fill: Sequence[int]):
-  """timm's `translate_y_abs`: AFFINE (1, 0, 0, 0, 1, pixels)."""
-  pixels = tf.cast(pixels, tf.float64)
-  return affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]), fill)
+  """timm's `translate_y_abs` with bilinear resampling."""
+  return affine(image, translate_y_matrix(pixels), fill)
