@@ -71,9 +71,9 @@ SIGNED_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 def select_branch(index, branches):
   """`branches[index]()`, as a balanced tree of `tf.cond` (what `tf.switch_case` computes).
 
-  Inside tf.data a call costs more the more branches the graph holds, even untaken
-  (measured with experiments/stream_augment_benchmark.py), so RandAugment groups its 15
-  ops into 3 branches (`apply_op`).
+  Every branch point costs time inside tf.data even when its heavy side is not taken,
+  so RandAugment groups its 15 ops into 3 kinds plus "not applied" (`apply_op`): two
+  conds deep per layer.
   """
   if len(branches) == 1:
     return branches[0]()
@@ -172,7 +172,7 @@ def rand_augment_params(seed, num_layers: int = 2, magnitude: float = 10.0,
 # Each op is one of three kinds, computed by one branch each (see `select_branch`): a
 # per-channel lookup table, a blend with a degenerate image, or an affine warp;
 # `_POSITION` is the op's place among the candidates of its kind.
-_LUT, _BLEND, _AFFINE = 0, 1, 2
+_LUT, _BLEND, _AFFINE, _IDENTITY = 0, 1, 2, 3
 _KIND = (_LUT, _LUT, _LUT, _AFFINE, _LUT, _LUT, _LUT, _BLEND, _BLEND, _BLEND, _BLEND, _AFFINE,
          _AFFINE, _AFFINE, _AFFINE)
 _POSITION = (0, 1, 2, 0, 3, 4, 5, 0, 1, 2, 3, 1, 2, 3, 4)
@@ -210,33 +210,33 @@ def _affine_op(image, position, level, sign, fill):
 
 
 @_graph_code
-def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_FILL):
+def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_FILL,
+             enabled=True):
   """One RandAugment op (index into RAND_AUGMENT_OPS) at `magnitude` in [0, 10].
 
   With level l = magnitude / 10 in float64 (as timm computes it in Python) and the sign
-  -1 where `negate`, the arguments are those of the module docstring.
+  -1 where `negate`, the arguments are those of the module docstring. Where `enabled`
+  is False the image is returned unchanged (one branch more, not a separate cond).
   """
   op = tf.cast(op, tf.int32)
   level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
   sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
                   tf.constant(1.0, tf.float64))
-  kind = tf.gather(tf.constant(_KIND), op)
+  kind = tf.where(tf.cast(enabled, tf.bool), tf.gather(tf.constant(_KIND), op), _IDENTITY)
   position = tf.gather(tf.constant(_POSITION), op)
   return select_branch(kind, [
       lambda: _lut_op(image, position, level),
       lambda: pil_ops.blend(_degenerate(image, position), image, level * 1.8 + 0.1),
-      lambda: _affine_op(image, position, level, sign, fill)])
+      lambda: _affine_op(image, position, level, sign, fill),
+      lambda: tf.identity(image)])
 
 
 @_graph_code
 def apply_rand_augment(image, params: RandAugmentParams, fill: Sequence[int] = IMAGENET_FILL):
   """The layers of `params` in order, each only where `params.apply` is set."""
   for layer in range(params.op.shape[0]):
-    image = tf.cond(params.apply[layer],
-                    lambda layer=layer: apply_op(image, params.op[layer],
-                                                 params.magnitude[layer],
-                                                 params.negate[layer], fill),
-                    lambda: image)
+    image = apply_op(image, params.op[layer], params.magnitude[layer], params.negate[layer],
+                     fill, enabled=params.apply[layer])
   return image
 
 
