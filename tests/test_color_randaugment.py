@@ -3,7 +3,7 @@
 References are computed with Pillow directly (ImageOps, ImageEnhance, Image.transform /
 rotate), with timm's level-to-argument rules written out here from RECIPES.md.
 Tolerances: point ops and blends are exact (same integer / float32 arithmetic). The
-bilinear warps truncate a float64 interpolation to uint8 as Pillow does; a value within
+bilinear and bicubic warps truncate a float64 interpolation to uint8 as Pillow does; a value within
 1e-15 of an integer can land on either side depending on the order of floating-point
 operations, so a warp may differ by 1 grey level on a few pixels (at most 5% here,
 typically < 1%), never more.
@@ -37,12 +37,14 @@ def _images():
 IMAGES = _images()
 
 
-def _pil_affine(img, matrix):
-  return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=FILL)
-
-
-def _timm_reference(img: Image.Image, name: str, magnitude: float, negate: bool) -> Image.Image:
+def _timm_reference(img: Image.Image, name: str, magnitude: float, negate: bool,
+                    bicubic: bool = False) -> Image.Image:
   """One RandAugment op by the rules of the public code's timm copy, with Pillow."""
+  resample = Image.BICUBIC if bicubic else Image.BILINEAR
+
+  def _pil_affine(img, matrix):
+    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
+
   level = magnitude / 10.0
   sign = -1.0 if negate else 1.0
   enhance = level * 1.8 + 0.1
@@ -50,7 +52,7 @@ def _timm_reference(img: Image.Image, name: str, magnitude: float, negate: bool)
       "AutoContrast": lambda: ImageOps.autocontrast(img),
       "Equalize": lambda: ImageOps.equalize(img),
       "Invert": lambda: ImageOps.invert(img),
-      "Rotate": lambda: img.rotate(sign * level * 30.0, resample=Image.BILINEAR, fillcolor=FILL),
+      "Rotate": lambda: img.rotate(sign * level * 30.0, resample=resample, fillcolor=FILL),
       "PosterizeTpu": lambda: ImageOps.posterize(img, int(level * 4)),
       "Solarize": lambda: ImageOps.solarize(img, int(level * 256)),
       "SolarizeAdd": lambda: img.point(
@@ -76,8 +78,7 @@ def _assert_matches(ours, reference, geometric: bool):
     np.testing.assert_array_equal(ours, reference)
 
 
-@pytest.mark.parametrize("image_index", [0, 1])
-@pytest.mark.parametrize("name, magnitude, negate", [
+OP_CASES = [
     ("AutoContrast", 10.0, False), ("Equalize", 10.0, False), ("Invert", 10.0, False),
     ("Rotate", 8.3, False), ("Rotate", 10.0, True), ("PosterizeTpu", 8.3, False),
     ("PosterizeTpu", 10.0, False), ("Solarize", 7.1, False), ("SolarizeAdd", 9.4, False),
@@ -86,12 +87,20 @@ def _assert_matches(ours, reference, geometric: bool):
     ("Sharpness", 1.7, False), ("Sharpness", 9.1, False), ("ShearX", 9.2, False),
     ("ShearX", 10.0, True), ("ShearY", 8.8, True), ("TranslateXRel", 9.5, False),
     ("TranslateXRel", 10.0, True), ("TranslateYRel", 9.7, True),
-])
-def test_each_rand_augment_op_equals_pillow(name, magnitude, negate, image_index):
+]
+# Geometric ops again with bicubic resampling (the public code picks it half the time).
+OP_CASES = ([case + (False,) for case in OP_CASES]
+            + [case + (True,) for case in OP_CASES if case[0] in cra.SIGNED_OPS])
+
+
+@pytest.mark.parametrize("image_index", [0, 1])
+@pytest.mark.parametrize("name, magnitude, negate, bicubic", OP_CASES)
+def test_each_rand_augment_op_equals_pillow(name, magnitude, negate, bicubic, image_index):
   image = IMAGES[image_index]
   magnitude = float(np.float32(magnitude))  # the value a float32 draw would hold
-  ours = cra.apply_op(image, cra.RAND_AUGMENT_OPS.index(name), magnitude, negate, FILL)
-  reference = _timm_reference(Image.fromarray(image), name, magnitude, negate)
+  ours = cra.apply_op(image, cra.RAND_AUGMENT_OPS.index(name), magnitude, negate, FILL,
+                      bicubic=bicubic)
+  reference = _timm_reference(Image.fromarray(image), name, magnitude, negate, bicubic)
   _assert_matches(ours, reference, geometric=name in cra.SIGNED_OPS)
   if name not in ("AutoContrast", "Equalize") or image_index == 0:  # noise: already full range
     assert not np.array_equal(np.asarray(ours), image)  # the op did something
@@ -123,18 +132,19 @@ def test_color_jitter_with_fixed_draws_equals_pillow(order):
 
 def test_rand_augment_with_fixed_draws_equals_pillow():
   image = IMAGES[0]
-  cases = [((3, 10), (True, True), (9.4, 10.0), (True, False)),  # Rotate then Sharpness
-           ((14, 1), (True, False), (10.0, 9.0), (False, False)),  # TranslateYRel only
-           ((7, 7), (True, True), (8.9, 10.0), (False, True))]  # Color twice
-  for ops, apply, magnitudes, negate in cases:
+  cases = [((3, 10), (True, True), (9.4, 10.0), (True, False), (True, False)),  # Rotate, Sharpness
+           ((14, 1), (True, False), (10.0, 9.0), (False, False), (False, True)),  # TranslateYRel
+           ((7, 7), (True, True), (8.9, 10.0), (False, True), (False, False))]  # Color twice
+  for ops, apply, magnitudes, negate, bicubic in cases:
     magnitudes = np.array(magnitudes, np.float32)
     params = cra.RandAugmentParams(tf.constant(ops, tf.int32), tf.constant(apply),
-                                   tf.constant(magnitudes), tf.constant(negate))
+                                   tf.constant(magnitudes), tf.constant(negate),
+                                   tf.constant(bicubic))
     ours = cra.apply_rand_augment(image, params, FILL)
     reference = Image.fromarray(image)
-    for op, on, m, neg in zip(ops, apply, magnitudes, negate):
+    for op, on, m, neg, cubic in zip(ops, apply, magnitudes, negate, bicubic):
       if on:
-        reference = _timm_reference(reference, cra.RAND_AUGMENT_OPS[op], float(m), neg)
+        reference = _timm_reference(reference, cra.RAND_AUGMENT_OPS[op], float(m), neg, cubic)
     geometric = any(cra.RAND_AUGMENT_OPS[o] in cra.SIGNED_OPS for o, on in zip(ops, apply) if on)
     _assert_matches(ours, reference, geometric)
 
@@ -155,7 +165,8 @@ def test_rand_augment_sampling_statistics():
   assert stats.chisquare(np.bincount(ops, minlength=15)).pvalue > 1e-3
   same = np.mean(params.op.numpy()[:, 0] == params.op.numpy()[:, 1])
   assert stats.binomtest(int(same * n), n, 1 / 15).pvalue > 1e-3
-  for flags in (params.apply.numpy().ravel(), params.negate.numpy().ravel()):
+  for flags in (params.apply.numpy().ravel(), params.negate.numpy().ravel(),
+                params.bicubic.numpy().ravel()):
     assert stats.binomtest(int(flags.sum()), flags.size, 0.5).pvalue > 1e-3
   # Magnitude: clip(N(10, 0.5), 0, 10): half the mass at exactly 10, the rest a
   # half-normal below 10.

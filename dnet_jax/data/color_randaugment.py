@@ -39,9 +39,9 @@ the default op set uses the *relative* translations, so the public code's
 `translate_const=100` is never read and the largest shift is 0.45 x 224 = 100.8 px;
 and the posterize op is timm's "Tpu" variant (0 to 4 bits kept).
 
-Deviation: the public code resamples each geometric op with bilinear or bicubic
-interpolation chosen at random (randaugment.py:31 and 295, `_RANDOM_INTERPOLATION`);
-here every geometric op is bilinear.
+Each geometric op resamples with bilinear or bicubic interpolation, chosen with
+probability 1/2 each time it is applied (randaugment.py:31-39 and 295,
+`_RANDOM_INTERPOLATION`, as the public code passes no interpolation).
 """
 
 from __future__ import annotations
@@ -150,23 +150,27 @@ class RandAugmentParams(NamedTuple):
   apply: tf.Tensor  # bool [n]: whether the op runs (probability `prob`)
   magnitude: tf.Tensor  # float32 [n]: in [0, MAX_MAGNITUDE]
   negate: tf.Tensor  # bool [n]: flip the sign of a signed op's argument
+  bicubic: tf.Tensor  # bool [n]: geometric ops resample bicubic (else bilinear)
 
 
 def rand_augment_params(seed, num_layers: int = 2, magnitude: float = 10.0,
                         magnitude_std: float = 0.5, prob: float = 0.5) -> RandAugmentParams:
   """Ops uniform with replacement, Bernoulli(prob) application, magnitude
-  clip(N(magnitude, magnitude_std), 0, 10), Bernoulli(0.5) sign."""
+  clip(N(magnitude, magnitude_std), 0, 10), Bernoulli(0.5) sign and Bernoulli(0.5)
+  bicubic resampling."""
   if num_layers < 0 or not 0.0 <= prob <= 1.0 or magnitude_std < 0:
     raise ValueError(f"RandAugment needs num_layers >= 0, 0 <= prob <= 1 and magnitude_std "
                      f">= 0; got {num_layers}, {prob}, {magnitude_std}.")
-  op_seed, apply_seed, magnitude_seed, sign_seed = tf.unstack(split_seed(seed, 4))
+  op_seed, apply_seed, magnitude_seed, sign_seed, resample_seed = tf.unstack(
+      split_seed(seed, 5))
   op = tf.random.stateless_uniform([num_layers], op_seed, minval=0,
                                    maxval=len(RAND_AUGMENT_OPS), dtype=tf.int32)
   apply = tf.random.stateless_uniform([num_layers], apply_seed) < prob
   noise = tf.random.stateless_normal([num_layers], magnitude_seed)
   drawn = tf.clip_by_value(magnitude + magnitude_std * noise, 0.0, MAX_MAGNITUDE)
   negate = tf.random.stateless_uniform([num_layers], sign_seed) < 0.5
-  return RandAugmentParams(op, apply, drawn, negate)
+  bicubic = tf.random.stateless_uniform([num_layers], resample_seed) < 0.5
+  return RandAugmentParams(op, apply, drawn, negate, bicubic)
 
 
 # Each op is one of three kinds, computed by one branch each (see `select_branch`): a
@@ -197,7 +201,7 @@ def _degenerate(image, position):
   return tf.cond(position == 3, lambda: pil_ops.smooth(image), lambda: degenerate)
 
 
-def _affine_op(image, position, level, sign, fill):
+def _affine_op(image, position, level, sign, fill, bicubic):
   """Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (positions 0-4)."""
   shape = tf.shape(image)
   height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
@@ -206,17 +210,18 @@ def _affine_op(image, position, level, sign, fill):
                        pil_ops.shear_x_matrix(signed * 0.3), pil_ops.shear_y_matrix(signed * 0.3),
                        pil_ops.translate_x_matrix(signed * 0.45 * width),
                        pil_ops.translate_y_matrix(signed * 0.45 * height)])
-  return pil_ops.affine(image, tf.gather(matrices, position), fill)
+  return pil_ops.affine(image, tf.gather(matrices, position), fill, bicubic)
 
 
 @_graph_code
 def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_FILL,
-             enabled=True):
+             enabled=True, bicubic=False):
   """One RandAugment op (index into RAND_AUGMENT_OPS) at `magnitude` in [0, 10].
 
   With level l = magnitude / 10 in float64 (as timm computes it in Python) and the sign
   -1 where `negate`, the arguments are those of the module docstring. Where `enabled`
-  is False the image is returned unchanged (one branch more, not a separate cond).
+  is False the image is returned unchanged (one branch more, not a separate cond);
+  geometric ops resample bicubic where `bicubic`, else bilinear.
   """
   op = tf.cast(op, tf.int32)
   level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
@@ -227,7 +232,7 @@ def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_
   return select_branch(kind, [
       lambda: _lut_op(image, position, level),
       lambda: pil_ops.blend(_degenerate(image, position), image, level * 1.8 + 0.1),
-      lambda: _affine_op(image, position, level, sign, fill),
+      lambda: _affine_op(image, position, level, sign, fill, tf.cast(bicubic, tf.bool)),
       lambda: tf.identity(image)])
 
 
@@ -236,7 +241,7 @@ def apply_rand_augment(image, params: RandAugmentParams, fill: Sequence[int] = I
   """The layers of `params` in order, each only where `params.apply` is set."""
   for layer in range(params.op.shape[0]):
     image = apply_op(image, params.op[layer], params.magnitude[layer], params.negate[layer],
-                     fill, enabled=params.apply[layer])
+                     fill, enabled=params.apply[layer], bicubic=params.bicubic[layer])
   return image
 
 

@@ -21,8 +21,8 @@ Python source; tests/test_color_randaugment.py compares every one with Pillow it
 - Affine warps (Pillow `Image.transform(AFFINE)` / `Image.rotate`): output pixel (x, y)
   samples the input at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f) in
   continuous coordinates; a sample outside [0, W) x [0, H) is the fill colour, inside it
-  is bilinear with edge-clamped neighbours, rounded to the nearest integer. Only
-  bilinear resampling is implemented (see `color_randaugment` for what that changes).
+  is bilinear or bicubic (Pillow's a = -1 cubic) with edge-clamped neighbours,
+  clipped and truncated to uint8.
 """
 
 from __future__ import annotations
@@ -213,12 +213,22 @@ def equalize(image):
   return apply_lut(image, equalize_lut(histograms(image)))
 
 
-def affine(image, matrix, fill: Sequence[int]):
-  """`image.transform(size, Image.AFFINE, matrix, resample=BILINEAR, fillcolor=fill)`.
+def _cubic(p0, p1, p2, p3, d):
+  """Pillow's transform cubic (Geometry.c, a = -1): p1 + d (c1 + d (c2 + d c3))."""
+  c1 = -p0 + p2
+  c2 = 2.0 * (p0 - p1) + p2 - p3
+  c3 = -p0 + p1 - p2 + p3
+  return p1 + d * (c1 + d * (c2 + d * c3))
+
+
+def affine(image, matrix, fill: Sequence[int], bicubic=False):
+  """`image.transform(size, Image.AFFINE, matrix, resample=..., fillcolor=fill)`.
 
   `matrix` (a, b, c, d, e, f) maps output to input coordinates in Pillow's convention
-  (pixel centres at +0.5, see the module docstring). Computed in float64; the
-  interpolated value is rounded to the nearest integer.
+  (pixel centres at +0.5, see the module docstring). Resampling is BILINEAR, or
+  BICUBIC where `bicubic` (a Python or a tensor bool): Pillow's cubic convolution with
+  a = -1 over the 4 x 4 edge-clamped neighbours. Computed in float64; the result is
+  clipped to [0, 255] and truncated, as Pillow stores it.
   """
   matrix = tf.cast(tf.convert_to_tensor(matrix), tf.float64)
   shape = tf.shape(image)
@@ -233,16 +243,27 @@ def affine(image, matrix, fill: Sequence[int]):
   x0, y0 = tf.floor(u), tf.floor(v)
   dx, dy = (u - x0)[..., None], (v - y0)[..., None]
   x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
-  xa, xb = tf.clip_by_value(x0, 0, width - 1), tf.clip_by_value(x0 + 1, 0, width - 1)
-  ya, yb = tf.clip_by_value(y0, 0, height - 1), tf.clip_by_value(y0 + 1, 0, height - 1)
   pixels = tf.reshape(tf.cast(image, tf.float64), [-1, 3])
+  column = lambda k: tf.clip_by_value(x0 + k, 0, width - 1)
+  row = lambda k: tf.clip_by_value(y0 + k, 0, height - 1)
   at = lambda yy, xx: tf.gather(pixels, yy * width + xx)
-  top = at(ya, xa) + (at(ya, xb) - at(ya, xa)) * dx
-  bottom = at(yb, xa) + (at(yb, xb) - at(yb, xa)) * dx
-  value = tf.floor(top + (bottom - top) * dy)
+
+  def bilinear():
+    top = at(row(0), column(0)) + (at(row(0), column(1)) - at(row(0), column(0))) * dx
+    bottom = at(row(1), column(0)) + (at(row(1), column(1)) - at(row(1), column(0))) * dx
+    return top + (bottom - top) * dy
+
+  def cubic():
+    rows = [_cubic(*[at(row(j), column(k)) for k in (-1, 0, 1, 2)], dx) for j in (-1, 0, 1, 2)]
+    return _cubic(*rows, dy)
+
+  if isinstance(bicubic, bool):
+    value = cubic() if bicubic else bilinear()
+  else:
+    value = tf.cond(tf.cast(bicubic, tf.bool), cubic, bilinear)
   fill = tf.broadcast_to(tf.constant(fill, tf.float64), tf.shape(value))
-  out = tf.where(inside[..., None], value, fill)
-  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+  out = tf.where(inside[..., None], tf.floor(tf.clip_by_value(value, 0.0, 255.0)), fill)
+  return tf.cast(out, tf.uint8)
 
 
 def rotation_matrix(degrees, height, width):
@@ -279,27 +300,27 @@ def translate_y_matrix(pixels):
   return tf.stack([one, zero, zero, zero, one, tf.cast(pixels, tf.float64)])
 
 
-def rotate(image, degrees, fill: Sequence[int]):
-  """`image.rotate(degrees, resample=BILINEAR, fillcolor=fill)` (output size unchanged)."""
+def rotate(image, degrees, fill: Sequence[int], bicubic=False):
+  """`image.rotate(degrees, resample=BILINEAR or BICUBIC, fillcolor=fill)` (same size)."""
   shape = tf.shape(image)
-  return affine(image, rotation_matrix(degrees, shape[0], shape[1]), fill)
+  return affine(image, rotation_matrix(degrees, shape[0], shape[1]), fill, bicubic)
 
 
-def shear_x(image, factor, fill: Sequence[int]):
-  """timm's `shear_x` with bilinear resampling."""
-  return affine(image, shear_x_matrix(factor), fill)
+def shear_x(image, factor, fill: Sequence[int], bicubic=False):
+  """timm's `shear_x` (bilinear or bicubic resampling)."""
+  return affine(image, shear_x_matrix(factor), fill, bicubic)
 
 
-def shear_y(image, factor, fill: Sequence[int]):
-  """timm's `shear_y` with bilinear resampling."""
-  return affine(image, shear_y_matrix(factor), fill)
+def shear_y(image, factor, fill: Sequence[int], bicubic=False):
+  """timm's `shear_y` (bilinear or bicubic resampling)."""
+  return affine(image, shear_y_matrix(factor), fill, bicubic)
 
 
-def translate_x(image, pixels, fill: Sequence[int]):
-  """timm's `translate_x_abs` with bilinear resampling."""
-  return affine(image, translate_x_matrix(pixels), fill)
+def translate_x(image, pixels, fill: Sequence[int], bicubic=False):
+  """timm's `translate_x_abs` (bilinear or bicubic resampling)."""
+  return affine(image, translate_x_matrix(pixels), fill, bicubic)
 
 
-def translate_y(image, pixels, fill: Sequence[int]):
-  """timm's `translate_y_abs` with bilinear resampling."""
-  return affine(image, translate_y_matrix(pixels), fill)
+def translate_y(image, pixels, fill: Sequence[int], bicubic=False):
+  """timm's `translate_y_abs` (bilinear or bicubic resampling)."""
+  return affine(image, translate_y_matrix(pixels), fill, bicubic)
