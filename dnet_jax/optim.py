@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -49,3 +51,106 @@ def dnet_optimizer(learning_rate: float = 1e-5, weight_decay: float = 1e-4) -> o
   """Adam on Difficulty-Net with L2 weight decay added to the gradient (torch.optim.Adam's
   `weight_decay`; METHOD.md: lr 1e-5 on CIFAR, 1e-3 on ImageNet-LT / Places-LT)."""
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+DEFAULT_GROUP = "default"
+
+
+def _path_string(path) -> str:
+  """A key path of `jax.tree` as '/'-joined names, e.g. 'stage4_block1/conv1/kernel'."""
+  parts = []
+  for entry in path:
+    for attribute in ("key", "name", "idx"):
+      if hasattr(entry, attribute):
+        parts.append(str(getattr(entry, attribute)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def parameter_group_labels(params, patterns: Mapping[str, Sequence[str]],
+                           default_group: str | None = DEFAULT_GROUP):
+  """The group name of every parameter: a pytree of strings shaped like `params`.
+
+  Each parameter's path ('/'-joined, e.g. 'extra_block/conv1/kernel') is matched
+  against the regular expressions of each group with `re.search`, groups in the
+  order of `patterns` and patterns in their order; the first match wins. A
+  parameter that no pattern matches belongs to `default_group`.
+
+  Raises:
+    ValueError: a pattern that matches no parameter (likely misspelt; the message
+      lists some paths), an invalid regular expression, a group named like the
+      default group, or parameters left without a group when `default_group` is None.
+  """
+  if default_group is not None and default_group in patterns:
+    raise ValueError(f"Group name {default_group!r} is reserved for unmatched parameters; "
+                     "rename the group.")
+  compiled = []
+  for group, group_patterns in patterns.items():
+    if isinstance(group_patterns, str):
+      raise ValueError(f"Group {group!r}: give a list of patterns, not the string "
+                       f"{group_patterns!r}.")
+    for pattern in group_patterns:
+      try:
+        compiled.append((group, pattern, re.compile(pattern)))
+      except re.error as error:
+        raise ValueError(f"Group {group!r}: invalid pattern {pattern!r} ({error}).") from None
+  leaves, treedef = jax.tree.flatten_with_path(params)
+  paths = [_path_string(path) for path, _ in leaves]
+  used, labels, unmatched = set(), [], []
+  for path in paths:
+    label = next(((group, pattern) for group, pattern, regex in compiled if regex.search(path)),
+                 None)
+    if label is None:
+      unmatched.append(path)
+      labels.append(default_group)
+    else:
+      used.add(label)
+      labels.append(label[0])
+  unused = [f"{group}: {pattern!r}" for group, pattern, _ in compiled if (group, pattern) not in used]
+  if unused:
+    raise ValueError(f"Parameter-group pattern(s) that match no parameter (first match wins, "
+                     f"so an earlier pattern may take them all): {', '.join(unused)}. "
+                     f"Parameter paths look like: {', '.join(paths[:5])}.")
+  if unmatched and default_group is None:
+    raise ValueError(f"{len(unmatched)} parameter(s) match no group and there is no default "
+                     f"group: {', '.join(unmatched[:10])}.")
+  return jax.tree.unflatten(treedef, labels)
+
+
+def parameter_group_optimizer(groups: Mapping[str, tuple[Sequence[str], Any]],
+                              default_learning_rate=None, momentum: float = 0.9,
+                              weight_decay: float = 2e-4,
+                              nesterov: bool = False) -> optax.GradientTransformation:
+  """`classifier_optimizer` with its own learning rate per group of parameters.
+
+  Args:
+    groups: {name: (patterns, learning_rate)}: regular expressions searched in the
+      '/'-joined parameter paths (first match wins, in this order; see
+      `parameter_group_labels`) and a float or an optax schedule. The Places-LT
+      recipe (RECIPES.md "Places-LT"): {"new": (["^extra_block/", "^classifier/"],
+      0.01)} with `default_learning_rate=0.001` for the pretrained backbone.
+    default_learning_rate: learning rate (or schedule) of the parameters no pattern
+      matches (group "default"); None makes such parameters an error.
+    momentum, weight_decay, nesterov: as `classifier_optimizer`, the same in every group.
+
+  Every group is SGD with momentum and L2 weight decay added to the gradient, as a
+  torch.optim.SGD parameter group: for a parameter p of group g,
+  v <- momentum v + (grad + weight_decay p), p <- p - lr_g(step) v.
+  The labels are computed from the parameters at `init`, so a pattern matching
+  nothing raises there (a ValueError naming it).
+  """
+  if not groups:
+    raise ValueError("parameter_group_optimizer needs at least one group; use "
+                     "classifier_optimizer for a single learning rate.")
+  transforms = {name: classifier_optimizer(lr, momentum, weight_decay, nesterov)
+                for name, (_, lr) in groups.items()}
+  default_group = None
+  if default_learning_rate is not None:
+    default_group = DEFAULT_GROUP
+    transforms[DEFAULT_GROUP] = classifier_optimizer(default_learning_rate, momentum,
+                                                     weight_decay, nesterov)
+  patterns = {name: patterns for name, (patterns, _) in groups.items()}
+  return optax.multi_transform(
+      transforms, lambda params: parameter_group_labels(params, patterns, default_group))

@@ -169,3 +169,62 @@ def test_torch_conv_layout_and_padding_match_the_stem():
   stem_conv = _conv(4, 7, 2, jnp.float32, jnp.float32, "conv_init")  # as the model builds it
   ours = stem_conv.apply({"params": {"kernel": kernel}}, np.transpose(x, (0, 2, 3, 1)))
   np.testing.assert_allclose(np.transpose(ours, (0, 3, 1, 2)), torch_out, rtol=1e-4, atol=1e-4)
+
+
+def test_places_block_surgery_loads_the_rest_of_the_backbone(tmp_path):
+  """Places-LT: a pretrained 2-block last stage + linear head -> last block dropped, a new
+  block and a cosine head kept at their initialisation, everything else loaded."""
+  images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  imagenet = ImageNetResNet(num_classes=10, stage_sizes=(1, 1, 1, 2), block="bottleneck", width=4)
+  places = ImageNetResNet(num_classes=5, stage_sizes=(1, 1, 1, 2), block="bottleneck", width=4,
+                          head="cosine", drop_last_blocks=1, extra_block=True)
+  rng = np.random.default_rng(0)
+  random_like = lambda model: jax.tree.map(  # no compilation: shapes, then random values
+      lambda s: rng.normal(size=s.shape).astype(s.dtype),
+      jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False)))
+  source = random_like(imagenet)
+  path = tmp_path / "imagenet.npz"
+  pretrained.save_variables_npz(path, source)
+  fresh = random_like(places)
+  assert "stage4_block2" not in fresh["params"]
+  # The new block: 128 -> 32 -> 128 channels (2048 -> 512 -> 2048 at width 64), no projection.
+  assert fresh["params"]["extra_block"]["conv1"]["kernel"].shape == (1, 1, 128, 32)
+  assert fresh["params"]["extra_block"]["conv3"]["kernel"].shape == (1, 1, 32, 128)
+  assert "downsample_conv" not in fresh["params"]["extra_block"]
+
+  with pytest.raises(ValueError, match="missing key.*extra_block"):
+    pretrained.load_pretrained(path, fresh["params"], fresh["batch_stats"])
+  with pytest.raises(ValueError, match=r"dropped_names \['stage4_block9'\] match no variable"):
+    pretrained.load_pretrained(path, fresh["params"], fresh["batch_stats"],
+                               new_names=("extra_block",), dropped_names=("stage4_block9",))
+  params, batch_stats, report = pretrained.load_pretrained(
+      path, fresh["params"], fresh["batch_stats"], new_names=("extra_block",),
+      dropped_names=("stage4_block2",))
+
+  flat_source = pretrained.flatten_variables(source)
+  flat_fresh = pretrained.flatten_variables(fresh)
+  flat_new = pretrained.flatten_variables({"params": params, "batch_stats": batch_stats})
+  new_block = {k for k in flat_fresh if k.split("/")[1] == "extra_block"}
+  assert set(report.kept_new) == new_block and len(new_block) == 3 + 3 * 4  # 3 conv kernels, 3 BNs
+  assert report.skipped_head == ("params/classifier/kernel",)  # (128, 10) in the file, (128, 5)
+  assert set(report.dropped) == ({k for k in flat_source if k.split("/")[1] == "stage4_block2"}
+                                 | {"params/classifier/bias"})
+  assert report.unused == ()
+  assert set(report.loaded) == set(flat_fresh) - new_block - {"params/classifier/kernel"}
+  for key in flat_new:
+    expected = flat_source[key] if key in report.loaded else flat_fresh[key]
+    np.testing.assert_array_equal(flat_new[key], expected, err_msg=key)
+
+
+def test_places_options_are_checked_and_resnet152_places_has_the_public_shape():
+  images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  bad = ImageNetResNet(num_classes=5, stage_sizes=(1, 2), width=4, drop_last_blocks=2)
+  with pytest.raises(ValueError, match=r"drop_last_blocks must be in \[0, 2\)"):
+    jax.eval_shape(lambda: bad.init(jax.random.key(0), images, train=False))
+  from dnet_jax.models.registry import build_classifier  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(lambda: build_classifier("resnet152_places", 365).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))["params"]
+  assert "stage4_block3" not in shapes and "stage4_block2" in shapes
+  assert shapes["extra_block"]["conv1"]["kernel"].shape == (1, 1, 2048, 512)
+  assert shapes["extra_block"]["conv3"]["kernel"].shape == (1, 1, 512, 2048)
+  assert {k: v.shape for k, v in shapes["classifier"].items()} == {"kernel": (2048, 365)}

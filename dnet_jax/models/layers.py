@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -31,3 +32,63 @@ def batch_norm(train: bool, axis_name: str | None, dtype, name: str | None = Non
       nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
       epsilon=BN_EPSILON, axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
       name=name)()
+
+
+class CosineClassifier(nn.Module):
+  """Cosine-similarity classifier: logits_c = s <x / |x|, W_c / |W_c|> (+ b_c).
+
+  The "NormedLinear" head of the public Difficulty-Net code
+  (ImageNet_Places-LT/models/resnet_places.py, class NormedLinear, lines 311-327:
+  scale s = 30, its bias never enters the logits), itself the cosine classifier
+  of Gidaris & Komodakis (CVPR 2018). `W` is stored as `kernel` [features, classes]
+  like `nn.Dense`, so the head keeps the name and layout a linear head has.
+  `eps` keeps the normalisation finite for an all-zero feature vector (as
+  torch.nn.functional.normalize's 1e-12).
+
+  Attributes:
+    num_classes: number of output classes.
+    scale: s, the fixed multiplier of the cosine (30 in the public code).
+    use_bias: add a learned per-class bias b (initialised to 0); off in the public code.
+  """
+  num_classes: int
+  scale: float = 30.0
+  use_bias: bool = False
+  eps: float = 1e-12
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", torch_linear_init, (x.shape[-1], self.num_classes),
+                        self.param_dtype)
+    # Normalise in float32 even under bf16 compute: the cosine is a ratio of small sums.
+    x = x.astype(jnp.float32)
+    kernel = kernel.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), self.eps)
+    kernel = kernel / jnp.maximum(jnp.linalg.norm(kernel, axis=0, keepdims=True), self.eps)
+    logits = self.scale * (x @ kernel)
+    if self.use_bias:
+      logits = logits + self.param("bias", nn.initializers.zeros, (self.num_classes,),
+                                   self.param_dtype).astype(jnp.float32)
+    return logits
+
+
+HEADS = ("linear", "cosine")
+
+
+def classifier_head(head: str, num_classes: int, *, cosine_scale: float = 30.0,
+                    cosine_bias: bool = False, dtype=jnp.float32,
+                    param_dtype=jnp.float32) -> nn.Module:
+  """The final layer named "classifier": "linear" (`nn.Dense`, PyTorch's default Linear
+  init) or "cosine" (`CosineClassifier` with `cosine_scale` and `cosine_bias`).
+
+  Call inside a compact module; both heads keep the parameter name `classifier/kernel`
+  ([features, classes]), so pretrained loading and head-skipping treat them alike.
+  """
+  if head == "linear":
+    return nn.Dense(num_classes, kernel_init=torch_linear_init, dtype=dtype,
+                    param_dtype=param_dtype, name="classifier")
+  if head == "cosine":
+    return CosineClassifier(num_classes, scale=cosine_scale, use_bias=cosine_bias,
+                            dtype=dtype, param_dtype=param_dtype, name="classifier")
+  raise ValueError(f"Unknown classifier head {head!r}; choose one of {', '.join(HEADS)}.")

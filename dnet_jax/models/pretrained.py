@@ -43,6 +43,11 @@ PyTorch (not a dependency of this package), then convert:
     params, batch_stats, report = pretrained.load_pretrained(
         "resnet152_imagenet.npz", state.params, state.batch_stats)
 
+For the Places-LT model (`resnet_imagenet.resnet152_places`: layer4's last block
+dropped, a new block added) pass `dropped_names=("stage4_block3",)` and
+`new_names=("extra_block",)`: the report lists what was loaded, which head and
+new-block variables kept their initialisation, and which file keys were dropped.
+
 Conv kernels are transposed OIHW -> HWIO and linear weights (out, in) ->
 (in, out); BatchNorm `weight`/`bias`/`running_mean`/`running_var` become
 `scale`/`bias`/`mean`/`var`; `num_batches_tracked` is dropped; a `module.`
@@ -138,9 +143,13 @@ class LoadReport(NamedTuple):
   loaded: tuple[str, ...]  # replaced by the file's values
   skipped_head: tuple[str, ...]  # head variables kept at their initialisation (shape differs)
   unused: tuple[str, ...]  # keys in the file that the model does not have
+  kept_new: tuple[str, ...] = ()  # model variables of `new_names`, kept at their initialisation
+  dropped: tuple[str, ...] = ()  # file keys not loaded on purpose: under `dropped_names`, or
+  # head variables the model's head does not have
 
 
 def _is_head(key: str, head_names: Iterable[str]) -> bool:
+  """Whether `key` ("collection/module/...") lies under one of the top-level modules."""
   parts = key.split(SEPARATOR)[1:]  # drop the collection
   return bool(parts) and parts[0] in tuple(head_names)
 
@@ -153,6 +162,7 @@ def _listing(keys, limit: int = 20) -> str:
 
 def load_pretrained(path: str | os.PathLike, params: Any, batch_stats: Any = None, *,
                     head_names: Iterable[str] = ("classifier",),
+                    new_names: Iterable[str] = (), dropped_names: Iterable[str] = (),
                     allow_unused: bool = False) -> tuple[Any, Any, LoadReport]:
   """Replaces `params` / `batch_stats` by the pretrained values in `path`.
 
@@ -163,7 +173,15 @@ def load_pretrained(path: str | os.PathLike, params: Any, batch_stats: Any = Non
     batch_stats: its BatchNorm statistics ({} or None if it has none).
     head_names: top-level modules that form the classifier head. Where the file's
       shape differs from the model's (another number of classes), they keep their
-      initial values; a head missing from the file is also kept.
+      initial values; a head missing from the file is also kept, and head
+      variables of the file that the model's head lacks (a linear head's bias
+      under a cosine head) are reported as dropped.
+    new_names: top-level modules that are new in this model (Places-LT: "extra_block"):
+      always kept at their initialisation, whatever the file holds.
+    dropped_names: top-level modules of the file that this model removed on purpose
+      (Places-LT: "stage4_block3", torchvision's layer4.2): their keys are not loaded
+      and not an error. A name that matches no key of the file is an error (it is
+      likely misspelt).
     allow_unused: accept keys in the file that the model lacks (listed in the
       report); by default they are an error, since they usually mean the file
       belongs to another architecture.
@@ -180,11 +198,21 @@ def load_pretrained(path: str | os.PathLike, params: Any, batch_stats: Any = Non
   import jax  # local: this module's file helpers need only numpy
 
   batch_stats = batch_stats or {}
+  new_names, dropped_names = tuple(new_names), tuple(dropped_names)
   target = _flat_leaves({"params": params, "batch_stats": batch_stats})
   source = read_npz(path)
+  dropped = sorted(key for key in source if _is_head(key, dropped_names))
+  unmatched = [name for name in dropped_names
+               if not any(_is_head(key, (name,)) for key in source)]
+  if unmatched:
+    raise ValueError(f"dropped_names {unmatched} match no variable of {os.fspath(path)!r}; "
+                     "name top-level modules of the file (e.g. 'stage4_block3').")
+  kept_new = [key for key in target if _is_head(key, new_names)]
 
   missing, mismatched, loaded, skipped = [], [], [], []
   for key, value in target.items():
+    if _is_head(key, new_names):
+      continue
     head = _is_head(key, head_names)
     if key not in source:
       (skipped if head else missing).append(key)
@@ -196,7 +224,11 @@ def load_pretrained(path: str | os.PathLike, params: Any, batch_stats: Any = Non
         mismatched.append(f"{key}: file {source[key].shape} vs model {np.shape(value)}")
       continue
     loaded.append(key)
-  unused = sorted(set(source) - set(target))
+  # A file's head variable that the model's head lacks (a linear head's bias under a cosine
+  # head) is part of the replaced head, not a sign of another architecture.
+  dropped += sorted(key for key in set(source) - set(target)
+                    if _is_head(key, head_names) and key not in dropped)
+  unused = sorted(set(source) - set(target) - set(dropped))
 
   problems = []
   if missing:
@@ -216,7 +248,8 @@ def load_pretrained(path: str | os.PathLike, params: Any, batch_stats: Any = Non
   tree = unflatten_variables(new_flat)
   new_params = _same_structure(params, tree.get("params", {}))
   new_batch_stats = _same_structure(batch_stats, tree.get("batch_stats", {}))
-  return new_params, new_batch_stats, LoadReport(tuple(loaded), tuple(skipped), tuple(unused))
+  return new_params, new_batch_stats, LoadReport(tuple(loaded), tuple(skipped), tuple(unused),
+                                                 tuple(kept_new), tuple(dropped))
 
 
 def _same_structure(reference, nested: dict):

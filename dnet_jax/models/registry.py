@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dnet_jax.models.resnet_cifar import resnet32
-from dnet_jax.models.resnet_imagenet import resnet10, resnet50, resnet152
+from dnet_jax.models.resnet_imagenet import resnet10, resnet50, resnet152, resnet152_places
 from dnet_jax.models.small_cnn import SmallCNN
 
 _BUILDERS = {
@@ -16,6 +16,7 @@ _BUILDERS = {
     "resnet10": resnet10,
     "resnet50": resnet50,
     "resnet152": resnet152,
+    "resnet152_places": resnet152_places,
     "small_cnn": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, **kw),
     "small_cnn_nobn": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, use_batchnorm=False, **kw),
 }

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dnet_jax.models.layers import batch_norm, kaiming_normal, torch_linear_init
+from dnet_jax.models.layers import batch_norm, classifier_head, kaiming_normal
 
 
 class BasicBlockA(nn.Module):
@@ -45,6 +45,8 @@ class CifarResNet(nn.Module):
   """CIFAR ResNet with option-A shortcuts; `blocks_per_stage=5` is ResNet-32.
 
   Call as `model.apply(variables, images, train=...)` with images [B, H, W, C].
+  `head` chooses the classifier: "linear" (default) or "cosine"
+  (`layers.CosineClassifier` with `cosine_scale` and `cosine_bias`).
   """
   num_classes: int
   blocks_per_stage: int = 5
@@ -52,6 +54,9 @@ class CifarResNet(nn.Module):
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  head: str = "linear"
+  cosine_scale: float = 30.0
+  cosine_bias: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -66,8 +71,9 @@ class CifarResNet(nn.Module):
         x = BasicBlockA(width, stride, self.bn_axis_name, self.dtype, self.param_dtype,
                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="classifier")(x)
+    x = classifier_head(self.head, self.num_classes, cosine_scale=self.cosine_scale,
+                        cosine_bias=self.cosine_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
     # Logits in float32 even under bf16 compute: the loss and its weights stay exact.
     return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 

@@ -8,7 +8,8 @@ these parameters (see `dnet_jax.models.pretrained`):
   stem:   7x7 conv, 64, stride 2 -> BN -> ReLU -> 3x3 max-pool, stride 2
   stages: 4 stages of widths 64, 128, 256, 512 (x expansion); the first block of stages 2-4
           halves the resolution
-  head:   global average pool -> dense classifier
+  head:   global average pool -> classifier ("linear": dense; "cosine": 30 x cosine
+          similarity, `layers.CosineClassifier`, the public Difficulty-Net head)
 
 Blocks:
   basic      (ResNet-10/18/34): conv3x3-BN-ReLU-conv3x3-BN, expansion 1.
@@ -25,6 +26,17 @@ and bias are parameters, its running statistics are not): ResNet-50
 (basic blocks [1, 1, 1, 1]) 5,418,792. tests/test_resnet_imagenet.py checks
 them against an independent formula.
 
+Places-LT surgery (RECIPES.md "Places-LT"; the public Difficulty-Net code,
+ImageNet_Places-LT/models/resnet_places.py lines 353-375, where `_resnet_fe` deletes
+`layer4.2` from the pretrained state dict, and train_stage1.py:169, which builds the new
+`Bottleneck(2048, 512)`): `drop_last_blocks=1` removes the last block of the last stage
+(torchvision's `layer4.2`, whose pretrained weights are then not loaded) and
+`extra_block=True` appends a new randomly initialised block of the last stage's width
+after the last stage (for ResNet-152 a bottleneck 2048 -> 512 -> 2048 with an identity
+shortcut), named `extra_block`, before the average pool. Its convs get this module's
+He fan-out init; the public code's standalone block keeps PyTorch's default Conv2d
+init. `resnet152_places` builds that model with a cosine head.
+
 Initialisation follows torchvision: convs He-normal with fan-out, BatchNorm
 scale 1 and bias 0, the classifier PyTorch's default Linear init.
 """
@@ -36,7 +48,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from dnet_jax.models.layers import batch_norm, torch_linear_init
+from dnet_jax.models.layers import batch_norm, classifier_head
 
 # torchvision's `kaiming_normal_(mode="fan_out", nonlinearity="relu")` for the convs.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -131,6 +143,12 @@ class ImageNetResNet(nn.Module):
     width: base width: the stem has `width` channels and stage s has
       `width * 2**(s-1)` (times the expansion); 64 is the standard ResNet, smaller
       values give the same depth cheaply (tests).
+    head: "linear" (default) or "cosine" (`layers.CosineClassifier`).
+    cosine_scale, cosine_bias: the cosine head's scale s and whether it has a bias.
+    drop_last_blocks: number of blocks removed from the end of the last stage
+      (0 <= drop_last_blocks < its size; Places-LT: 1).
+    extra_block: append a new block of the last stage's width (`extra_block`) after
+      the last stage (Places-LT: True).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -140,28 +158,45 @@ class ImageNetResNet(nn.Module):
   param_dtype: Any = jnp.float32
   stride_in_1x1: bool = False
   width: int = 64
+  head: str = "linear"
+  cosine_scale: float = 30.0
+  cosine_bias: bool = False
+  drop_last_blocks: int = 0
+  extra_block: bool = False
+
+  def _stage_sizes(self) -> tuple[int, ...]:
+    sizes = tuple(int(n) for n in self.stage_sizes)
+    if not 1 <= len(sizes) <= len(STAGE_MULTIPLIERS):
+      raise ValueError(f"stage_sizes must have 1 to {len(STAGE_MULTIPLIERS)} entries, "
+                       f"got {sizes}.")
+    if not 0 <= self.drop_last_blocks < sizes[-1]:
+      raise ValueError(f"drop_last_blocks must be in [0, {sizes[-1]}) for a last stage of "
+                       f"{sizes[-1]} blocks (one block must remain), got {self.drop_last_blocks}.")
+    return sizes[:-1] + (sizes[-1] - self.drop_last_blocks,)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.block not in BLOCKS:
       raise ValueError(f"Unknown block {self.block!r}; choose one of {sorted(BLOCKS)}.")
-    if not 1 <= len(self.stage_sizes) <= len(STAGE_MULTIPLIERS):
-      raise ValueError(f"stage_sizes must have 1 to {len(STAGE_MULTIPLIERS)} entries, "
-                       f"got {tuple(self.stage_sizes)}.")
+    stage_sizes = self._stage_sizes()
     block_cls = BLOCKS[self.block]
     x = x.astype(self.dtype)
     x = _conv(self.width, 7, 2, self.dtype, self.param_dtype, "conv_init")(x)
     x = nn.relu(batch_norm(train, self.bn_axis_name, self.dtype, "bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for stage, n_blocks in enumerate(self.stage_sizes):
+    for stage, n_blocks in enumerate(stage_sizes):
       width = self.width * STAGE_MULTIPLIERS[stage]
       for b in range(n_blocks):
         stride = 2 if stage > 0 and b == 0 else 1
         x = block_cls(width, stride, self.bn_axis_name, self.dtype, self.param_dtype,
                       self.stride_in_1x1, name=f"stage{stage + 1}_block{b + 1}")(x, train)
+    if self.extra_block:
+      x = block_cls(self.width * STAGE_MULTIPLIERS[len(stage_sizes) - 1], 1, self.bn_axis_name,
+                    self.dtype, self.param_dtype, self.stride_in_1x1, name="extra_block")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=torch_linear_init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="classifier")(x)
+    x = classifier_head(self.head, self.num_classes, cosine_scale=self.cosine_scale,
+                        cosine_bias=self.cosine_bias, dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
     # Logits in float32 even under bf16 compute: the loss and its weights stay exact.
     return x.astype(jnp.float32)
 
@@ -181,3 +216,12 @@ def resnet152(num_classes: int, **kwargs) -> ImageNetResNet:
   """ResNet-152: bottleneck blocks [3, 8, 36, 3] (Places-LT, ImageNet-pretrained)."""
   return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 8, 36, 3), block="bottleneck",
                         **kwargs)
+
+
+def resnet152_places(num_classes: int, **kwargs) -> ImageNetResNet:
+  """ResNet-152 as the public code runs it on Places-LT: layer4's last block dropped, a new
+  bottleneck block (2048 -> 512 -> 2048) added, cosine head (scale 30, no bias)."""
+  options = dict(head="cosine", drop_last_blocks=1, extra_block=True)
+  options.update(kwargs)
+  return ImageNetResNet(num_classes=num_classes, stage_sizes=(3, 8, 36, 3), block="bottleneck",
+                        **options)
