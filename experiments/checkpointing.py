@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Sequence
 
 import jax
@@ -301,6 +302,38 @@ class Checkpointer:
     return self._manager.save(int(step), args=ocp.args.Composite(
         **{_STATE: ocp.args.StandardSave(to_save), _LOOP: ocp.args.JsonSave(loop),
            _META: ocp.args.JsonSave(meta)}))
+
+  def replace(self, step: int, state, loop: dict[str, Any], identity: dict | None = None) -> bool:
+    """Saves a newer version of checkpoint `step` (e.g. after the evaluation a SIGTERM deferred).
+
+    The old version is renamed to `<step>.replaced` first and removed only once the new
+    one is complete; `recover_replaced` puts it back if the process died in between.
+    """
+    self._manager.wait_until_finished()
+    old, aside = self.step_path(step), self.step_path(step) + ".replaced"
+    if os.path.isdir(old):
+      os.rename(old, aside)
+      self._manager.reload()
+    saved = self.save(step, state, loop, identity)
+    self._manager.wait_until_finished()
+    if saved and self.incomplete_reason(step) is None and os.path.isdir(aside):
+      shutil.rmtree(aside)
+    return saved
+
+  def recover_replaced(self) -> None:
+    """Renames `<step>.replaced` back to `<step>` where the newer version never completed."""
+    for name in os.listdir(self.directory):
+      if name.endswith(".replaced") and name[:-len(".replaced")].isdigit():
+        step = int(name[:-len(".replaced")])
+        step_dir, aside = self.step_path(step), os.path.join(self.directory, name)
+        if os.path.isdir(step_dir) and self.incomplete_reason(step) is None:
+          shutil.rmtree(aside)  # the replacement is complete: the old version is obsolete
+          continue
+        if os.path.isdir(step_dir):
+          os.rename(step_dir, step_dir + ".incomplete-replacement")
+        os.rename(aside, step_dir)
+        logging.warning("Restored %s: its replacement was never completed.", step_dir)
+    self._manager.reload()
 
   def restore(self, step: int, target_state) -> tuple[Any, dict[str, Any]]:
     """(state, loop) of checkpoint `step`, the state in the structure of `target_state`.

@@ -19,7 +19,8 @@ import pytest
 
 from experiments import checkpointing
 from experiments import errors
-from experiments import input_pipeline
+from experiments import datasets
+from experiments import loop as loop_lib
 from experiments import methods
 from experiments import preemption
 from experiments import trainer
@@ -53,16 +54,16 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def test_accumulate_records_the_first_non_finite_step_of_each_metric():
   metrics = lambda loss, grad: {"train_loss": jnp.float32(loss), "grad_norm": jnp.float32(grad)}
-  sums, first_bad = trainer._accumulate(None, None, metrics(1.0, 2.0), jnp.int32(1))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.inf, 3.0), jnp.int32(2))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.nan, np.nan), jnp.int32(3))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(1.0, 1.0), jnp.int32(4))
-  entries = trainer._non_finite_entries(jax.device_get(first_bad))
+  sums, first_bad = loop_lib.accumulate(None, None, metrics(1.0, 2.0), jnp.int32(1))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(np.inf, 3.0), jnp.int32(2))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(np.nan, np.nan), jnp.int32(3))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(1.0, 1.0), jnp.int32(4))
+  entries = loop_lib.non_finite_entries(jax.device_get(first_bad))
   assert [(s, n) for s, n, _ in entries] == [(2, "train_loss"), (3, "grad_norm")]
   assert np.isposinf(entries[0][2]) and np.isnan(entries[1][2])
   assert float(sums["grad_norm"]) != float(sums["grad_norm"])  # the sums carry the NaN too
-  assert trainer._non_finite_entries(
-      jax.device_get(trainer._accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
+  assert loop_lib.non_finite_entries(
+      jax.device_get(loop_lib.accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
 
 
 def _poison_step_fn(monkeypatch, bad_step: int):
@@ -150,15 +151,15 @@ def _sigterm_at(monkeypatch, step_index: int):
   With the two-batch prefetch that happens right after step `step_index - 1`
   (1-based) finished, so the loop stops after step `step_index`.
   """
-  original = input_pipeline.train_stream
+  original = datasets.InMemoryDataset.train_batches
 
-  def train_stream(*args, **kwargs):
+  def train_batches(*args, **kwargs):
     for item in original(*args, **kwargs):
       if item[0] == step_index:
         os.kill(os.getpid(), signal.SIGTERM)
       yield item
 
-  monkeypatch.setattr(input_pipeline, "train_stream", train_stream)
+  monkeypatch.setattr(datasets.InMemoryDataset, "train_batches", train_batches)
 
 
 @pytest.fixture(scope="module")

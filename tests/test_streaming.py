@@ -44,7 +44,7 @@ def load(config, process_index=0, process_count=1):
 
 
 def collect(data, start, end):
-  return list(data.train_stream(start, end, with_meta=True))
+  return list(data.train_batches(start, end, with_meta=True))
 
 
 def test_counts_groups_and_sizes_come_from_the_lists(lists):
@@ -95,7 +95,7 @@ def test_a_resumed_stream_reads_what_the_uninterrupted_one_read(lists):
 
 
 def test_without_meta_batches(lists):
-  items = list(load(tiny_config(lists)).train_stream(0, 2, with_meta=False))
+  items = list(load(tiny_config(lists)).train_batches(0, 2, with_meta=False))
   assert [meta for _, _, meta in items] == [None, None]
 
 
