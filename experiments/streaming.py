@@ -37,7 +37,7 @@ import numpy as np
 from absl import logging
 
 from dnet_jax.data import batching
-from dnet_jax.data import image_folder
+from dnet_jax.data import split_lists
 from dnet_jax.data import long_tail
 from experiments import datasets
 from experiments.errors import InvalidInputError
@@ -45,7 +45,7 @@ from experiments.errors import InvalidInputError
 SOURCES = ("split_list", "imagenet_lt")
 EVAL_SPLITS = ("meta", "test")
 
-# Stream tag of the meta batches' augmentation seeds (the training crops use image_folder's).
+# Stream tag of the meta batches' augmentation seeds (the training crops use split_lists's).
 _META_AUGMENT_STREAM = 21
 
 
@@ -99,8 +99,8 @@ class _ReadPlan:
 class _SplitListSource:
   """Train / meta (validation) / test split lists under one image root."""
 
-  def __init__(self, shape: _ReadPlan, image_root: str, train: image_folder.SplitList,
-               meta: image_folder.SplitList, test: image_folder.SplitList):
+  def __init__(self, shape: _ReadPlan, image_root: str, train: split_lists.SplitList,
+               meta: split_lists.SplitList, test: split_lists.SplitList):
     self.shape, self.image_root = shape, image_root
     self.splits = {"train": train, "meta": meta, "test": test}
     self.steps_per_epoch = len(train) // shape.batch_size
@@ -112,9 +112,9 @@ class _SplitListSource:
                                  self.steps_per_epoch * s.batch_size)
     rows = order[first * s.batch_size:last * s.batch_size].reshape(last - first, s.batch_size)
     indices = rows[:, s.rows(s.batch_size)].reshape(-1)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         self.splits["train"], self.image_root, indices,
-        image_folder.augmentation_seeds(s.seed, epoch, indices),
+        split_lists.augmentation_seeds(s.seed, epoch, indices),
         batch_size=s.local(s.batch_size), train=s.augment, **s.transform())
     return ds.as_numpy_iterator()
 
@@ -130,7 +130,7 @@ class _SplitListSource:
     bases = np.repeat([meta_augmentation_seed(s.seed, step) for step in steps],
                       s.local(s.meta_batch_size))
     seeds = np.stack([bases.astype(np.int64), indices], axis=1)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         self.splits["meta"], self.image_root, indices, seeds,
         batch_size=s.local(s.meta_batch_size), train=s.augment_meta, **s.transform())
     return ds.as_numpy_iterator()
@@ -138,10 +138,10 @@ class _SplitListSource:
   def eval_batches(self, split: str) -> Iterator[dict]:
     s = self.shape
     examples = self.splits[split]
-    indices, mask = image_folder.shard_indices(
+    indices, mask = split_lists.shard_indices(
         len(examples), s.local(s.eval_batch_size), train=False, process_index=s.process_index,
         process_count=s.process_count)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         examples, self.image_root, indices, np.zeros((len(indices), 2), np.int64),
         batch_size=s.local(s.eval_batch_size), train=False, mask=mask, **s.transform())
     return ds.as_numpy_iterator()
@@ -302,7 +302,7 @@ def _resolve(path: str, image_root: str) -> str:
   return candidate if os.path.exists(candidate) else path
 
 
-def _read_lists(config) -> tuple[str, dict[str, image_folder.SplitList]]:
+def _read_lists(config) -> tuple[str, dict[str, split_lists.SplitList]]:
   data = config.data
   image_root = str(_get(data, "image_root", ""))
   fields = {"train": "train_list", "meta": "meta_list", "test": "test_list"}
@@ -318,7 +318,7 @@ def _read_lists(config) -> tuple[str, dict[str, image_folder.SplitList]]:
   splits = {}
   for split, field in fields.items():
     path = _resolve(str(data[field]), image_root)
-    splits[split] = image_folder.read_split_list(path, num_classes,
+    splits[split] = split_lists.read_split_list(path, num_classes,
                                                  image_root=image_root if check else None)
   if num_classes is None:  # inferred: the largest label of any list
     num_classes = max(s.num_classes for s in splits.values())
