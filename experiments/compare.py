@@ -7,15 +7,11 @@ Difficulty-Net, Balanced Softmax and Difficulty-Net + Balanced Softmax; seeds
   python -m experiments.compare --config=experiments/configs/digits_lt.py \
     --workdir=runs/compare_digits
 
-Measured on a shared 2-core CPU machine (load 3-5 from other jobs; one
-process, persistent compilation cache), rho = 50: 6-9 s per 30-epoch baseline
-run and about 10 s per Difficulty-Net run once its step is compiled (14-25 s
-for the first run of a method, which compiles it; without the cache every run
-pays that again: 11-14 s and 24-26 s), 3 s per 10-epoch stage-2 run; the whole
-default grid is estimated at about 20 minutes (rho = 10 has 1.5x the steps of
-rho = 50). That is within budget, so every method keeps the digits config's own
-settings (30 epochs, stage 2: 10 epochs); `--num_epochs` would shorten all of
-them alike.
+Run time on 2 CPU cores, rho = 50, with the compilation cache: 6-9 s per
+30-epoch baseline run, about 10 s per Difficulty-Net run (14-25 s for the first
+run of a method, which compiles its step), 3 s per 10-epoch stage-2 run; about
+20 minutes for the default grid. Every method keeps the config's settings
+(30 epochs; stage 2: 10 epochs); `--num_epochs` shortens all of them alike.
 
 What it does:
   * every (imbalance factor, method, seed) is a run of the ordinary runner

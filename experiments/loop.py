@@ -251,7 +251,8 @@ class Loop:
         "val_accuracy": record["val_accuracy"], "test_accuracy": test["overall"],
         **{f"test_{g}": test[g] for g in ("many", "medium", "few") if test[g] is not None}})
     self.writer.flush()
-    self._print(reporting.format_epoch_line(record, self.periodic.total_steps // p.steps_per_epoch))
+    num_epochs = -(-self.periodic.total_steps // p.steps_per_epoch)
+    self._print(reporting.format_epoch_line(record, num_epochs))
     if epoch_done:
       p.history.append(record)
       p.partial, p.epoch_steps, self.sums = None, 0, None

@@ -42,11 +42,8 @@ class JsonlWriter:
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
+    record.update({k: float(v) for k, v in scalars.items() if v is not None})
     self._file.write(json.dumps(record) + "\n")
-
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    self._file.write(json.dumps({"hparams": dict(hparams)}, default=str) + "\n")
 
   def flush(self):
     self._file.flush()
@@ -66,10 +63,6 @@ class FanOutWriter:
     for w in self._writers:
       w.write_scalars(step, scalars)
 
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    for w in self._writers:
-      w.write_hparams(hparams)
-
   def flush(self):
     for w in self._writers:
       w.flush()
@@ -77,13 +70,6 @@ class FanOutWriter:
   def close(self):
     for w in self._writers:
       w.close()
-
-
-class NullWriter(FanOutWriter):
-  """What processes other than 0 get: writes nothing."""
-
-  def __init__(self):
-    super().__init__([])
 
 
 class TensorboardXWriter:
@@ -102,9 +88,6 @@ class TensorboardXWriter:
       if value is not None:
         self._writer.add_scalar(name, float(value), global_step=int(step))
 
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    del hparams  # kept in results.json
-
   def flush(self):
     self._writer.flush()
 
@@ -120,7 +103,7 @@ def tensorboard_available() -> bool:
 def create_metric_writer(workdir: str, *, is_main: bool = True):
   """A metric writer for `workdir` (see the module docstring); returns (writer, description)."""
   if not is_main:
-    return NullWriter(), "none (not process 0)"
+    return FanOutWriter([]), "none (not process 0)"
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE))
   if tensorboard_available():

@@ -40,6 +40,8 @@ from dnet_jax.data import batching
 from dnet_jax.data import split_lists
 from dnet_jax.data import long_tail
 from experiments import datasets
+from experiments import methods
+from experiments import validation
 from experiments.errors import InvalidInputError
 
 SOURCES = ("split_list", "imagenet_lt")
@@ -403,14 +405,10 @@ def load(config, *, batch_size: int | None = None, with_meta: bool | None = None
 
 
 def _uses_meta(config) -> bool:
-  from experiments import methods  # pylint: disable=g-import-not-at-top
-
   return config.method in methods.DNET_METHODS
 
 
 def _check_image_size(config, shape: _ReadPlan) -> None:
-  from experiments import validation  # pylint: disable=g-import-not-at-top
-
   spec = validation.MODEL_INPUTS.get(config.model)
   if shape.image_size < 1 or shape.resize_size < shape.image_size:
     raise InvalidInputError(

@@ -75,7 +75,7 @@ def _training_fields(config) -> dict[str, str]:
 
 
 def _check_resumable(saved: loop_lib.Progress, fresh: loop_lib.Progress, step: int,
-                     path: str, config) -> None:
+                     path: str) -> None:
   """A checkpoint's `Progress` must fit this run's data, batch size and schedule."""
   if saved.step != step:
     raise errors.CheckpointError(f"Checkpoint {path} records step {saved.step}, not {step}.")
@@ -103,10 +103,9 @@ def _check_resumable(saved: loop_lib.Progress, fresh: loop_lib.Progress, step: i
         "Resuming a run whose checkpoint was written with a different config: %s. The results "
         "mix both settings; use a new workdir to start afresh.",
         "; ".join(f"{k}: {saved.config.get(k)} -> {fresh.config.get(k)}" for k in diffs))
-  del config
 
 
-def _resume(checkpointer, exp, fresh: loop_lib.Progress, config, check_extra):
+def _resume(checkpointer, exp, fresh: loop_lib.Progress, check_extra):
   """(progress, state or None): the newest checkpoint's, or a new run's; None = nothing to train."""
   if jax.process_count() == 1:
     # TODO(multi-process): every process would have to agree before one renames.
@@ -118,12 +117,12 @@ def _resume(checkpointer, exp, fresh: loop_lib.Progress, config, check_extra):
   checkpointer.check_compatible(latest, exp.identity)
   path = checkpointer.step_path(latest)
   saved = loop_lib.Progress.from_json(checkpointer.restore_loop(latest), path)
-  _check_resumable(saved, fresh, latest, path, config)
+  _check_resumable(saved, fresh, latest, path)
   if check_extra is not None:
     check_extra(saved.extra, path)
   saved.config, saved.extra = fresh.config, fresh.extra
   if latest < exp.total_steps or saved.pending_evaluation:
-    logging.info("Resuming from %s (epoch %.2f).", path, latest / saved.steps_per_epoch)
+    logging.info("Resumed from checkpoint %s (epoch %.2f).", path, latest / saved.steps_per_epoch)
     return saved, checkpointer.restore(latest, exp.abstract_state)[0]
   return saved, None
 
@@ -160,7 +159,7 @@ def run(config, workdir: str, dataset, exp, *, label: str, learned_difficulty: b
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             int(config.max_checkpoints_to_keep))
   try:
-    progress, state = _resume(checkpointer, exp, fresh, config, check_extra)
+    progress, state = _resume(checkpointer, exp, fresh, check_extra)
     start_step = progress.step
     if state is None:
       checkpointer.close()

@@ -9,6 +9,7 @@ tests/test_validation.py.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 
@@ -64,6 +65,27 @@ def test_accumulate_records_the_first_non_finite_step_of_each_metric():
   assert float(sums["grad_norm"]) != float(sums["grad_norm"])  # the sums carry the NaN too
   assert loop_lib.non_finite_entries(
       jax.device_get(loop_lib.accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
+
+
+def test_periodic_actions_by_hand():
+  periodic = loop_lib.Periodic(steps_per_epoch=9, total_steps=20, log_every_steps=4,
+                               checkpoint_every_epochs=2, checkpoint_every_steps=5)
+  steps = range(1, 21)
+  assert [s for s in steps if periodic.log(s)] == [4, 8, 12, 16, 20]
+  assert [s for s in steps if periodic.evaluate(s)] == [9, 18, 20]  # epoch ends and the end
+  # every 5 steps, every 2nd epoch end (18, not 9), and the last step
+  assert [s for s in steps if periodic.checkpoint(s)] == [5, 10, 15, 18, 20]
+
+
+def test_progress_json_round_trip_and_version():
+  progress = loop_lib.Progress(steps_per_epoch=9, num_train=300, step=13, history=[{"epoch": 1}],
+                               epoch_sums={"train_loss": 2.5}, epoch_steps=4,
+                               schedule={"num_epochs": 3}, extra={"stage1_step": 7})
+  record = json.loads(json.dumps(progress.to_json()))
+  assert (record["epoch"], record["position_in_epoch"]) == (1, 4)
+  assert loop_lib.Progress.from_json(record, "ckpt/13") == progress
+  with pytest.raises(errors.CheckpointError, match=r"ckpt/13 holds bookkeeping of version 2"):
+    loop_lib.Progress.from_json(dict(record, version=2), "ckpt/13")
 
 
 def _poison_step_fn(monkeypatch, bad_step: int):
@@ -185,7 +207,7 @@ def resumable_config():
 
 def final_digests(workdir, step):
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-    return checkpointer.read_meta(step)["state_digests"]
+    return checkpointer.read_digests(step)
 
 
 COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",

@@ -364,7 +364,7 @@ def _resumable_stage2_config(stage1_dir):
 
 def _final_digests(workdir, step):
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-    return checkpointer.read_meta(step)["state_digests"]
+    return checkpointer.read_digests(step)
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +476,11 @@ def test_sigterm_on_the_last_step_then_two_reruns(stage1_run, tmp_path, monkeypa
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
     assert checkpointer.all_steps() == [3]
     assert checkpointer.restore_loop(3)["pending_evaluation"] is False
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  # The pending version was replaced, not left beside it; the new one has its checksums.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "digests"]
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    shapes = checkpointer.read_meta(3)["state_shapes"]
+    assert set(checkpointer.read_digests(3)) == {name for name, _, _ in shapes}
 
   second = stage2.train_stage2(config, workdir)  # only reports
   assert len(evaluations) == 3 and os.stat(results_path).st_mtime_ns == written
