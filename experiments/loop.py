@@ -270,14 +270,14 @@ class Loop:
     p, exp, periodic = self.progress, self.exp, self.periodic
     self.p_state = parallel.replicate(state)
     del state
+    logging.info("Training %s for steps %d..%d (%d per epoch) on %d device(s).", exp.name,
+                 p.step, periodic.total_steps, p.steps_per_epoch, jax.device_count())
     self.bar = reporting.progress_bar(periodic.total_steps, p.step,
                                       enabled=self.is_main and self.show_bar)
     if p.pending_evaluation:  # the evaluation a SIGTERM at this step postponed
       p.pending_evaluation = False
       self.evaluate()
       self.save(replace=True)
-    logging.info("Training %s for steps %d..%d (%d per epoch) on %d device(s).", exp.name,
-                 p.step, periodic.total_steps, p.steps_per_epoch, jax.device_count())
     last_time, last_step = time.time(), p.step
     batches = self.data.train_batches(p.step, periodic.total_steps, with_meta=exp.uses_meta,
                                       sampler=exp.sampler)

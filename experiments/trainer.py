@@ -74,6 +74,13 @@ def _training_fields(config) -> dict[str, str]:
   return flat
 
 
+def _flag(field: str, value) -> str:
+  """`--config.<field>=<value>` as the command line takes it."""
+  if isinstance(value, (list, tuple)):
+    return f'--config.{field}="({", ".join(str(v) for v in value)},)"'
+  return f"--config.{field}={value}"
+
+
 def _check_resumable(saved: loop_lib.Progress, fresh: loop_lib.Progress, step: int,
                      path: str) -> None:
   """A checkpoint's `Progress` must fit this run's data, batch size and schedule."""
@@ -93,8 +100,8 @@ def _check_resumable(saved: loop_lib.Progress, fresh: loop_lib.Progress, step: i
         + "; ".join(f"{k}: {saved.schedule.get(k)!r} there, {fresh.schedule.get(k)!r} now"
                     for k in changed)
         + ". Resuming would change the learning rate of the remaining steps; rerun with "
-        + " ".join(f"--config.{k}={saved.schedule.get(k)}" for k in changed
-                   if k != "steps_per_epoch")
+        + " ".join(_flag(k, saved.schedule[k]) for k in changed
+                   if k != "steps_per_epoch" and saved.schedule.get(k) is not None)
         + ", or use a new --workdir.")
   diffs = sorted(k for k in set(saved.config) | set(fresh.config)
                  if saved.config.get(k) != fresh.config.get(k))
