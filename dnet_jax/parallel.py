@@ -166,3 +166,13 @@ def pmap_eval_step(**kwargs):
   """`jax.pmap` of `steps.eval_step`; counts come back summed over devices (same on each)."""
   return jax.pmap(functools.partial(steps.eval_step, axis_name=AXIS_NAME, **kwargs),
                   axis_name=AXIS_NAME)
+
+
+def pmap_step(step_fn, donate: bool = True):
+  """`jax.pmap` over local devices of any per-device `step_fn(state, *batches)`.
+
+  For steps composed from `dnet_jax.steps` with `axis_name=AXIS_NAME` (e.g. with
+  on-device preprocessing in front); the state (argument 0) is donated unless
+  `donate` is False (evaluation steps).
+  """
+  return jax.pmap(step_fn, axis_name=AXIS_NAME, donate_argnums=(0,) if donate else ())

@@ -12,7 +12,7 @@ to the plain CE step are fair even on a noisy shared machine.
 For each step it reports: compile time, median step time after warm-up,
 train images/s, ratio to the plain CE step, XLA's FLOP count, and peak device
 memory where the backend reports it. `--cpu_flags` chooses XLA:CPU settings
-(see `dnet_jax.platform`); the table header prints what ran.
+(see `experiments.platform_flags`); the table header prints what ran.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ _VARIANTS = flags.DEFINE_list(
                  "dnet_nested_k5"], "Which steps to time.")
 _META_INTERVAL = flags.DEFINE_integer("meta_interval", 5, "k of the dnet_*_k<k> variants.")
 _CPU_FLAGS = flags.DEFINE_string("cpu_flags", "default",
-                                 "XLA:CPU preset from dnet_jax.platform.CPU_PRESETS, or 'none'.")
+                                 "XLA:CPU preset from experiments.platform_flags.CPU_PRESETS, or 'none'.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the results as JSON here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 
@@ -193,8 +193,8 @@ def format_table(results, header: str) -> str:
 
 def main(argv):
   del argv
-  from dnet_jax import platform
-  applied = platform.configure_cpu(_CPU_FLAGS.value)  # before JAX creates its backend
+  from experiments import platform_flags
+  applied = platform_flags.configure_cpu(_CPU_FLAGS.value)  # before JAX creates its backend
   import jax
 
   results = run_benchmark(

@@ -7,10 +7,12 @@ One checkpoint (in `<workdir>/checkpoints/<step>/`) holds three items:
   * "loop": the trainer's JSON bookkeeping (position in the data order,
     per-epoch history, best-validation record, partial-epoch metric sums,
     accumulated training time);
-  * "meta": what the checkpoint belongs to and how to verify it: model name,
-    number of classes, method, image shape, the shapes and dtypes of every
-    state array (and their fingerprint), the dnet_jax version, and a SHA-256
-    of every state array's bytes.
+  * "meta": what the checkpoint belongs to: model name, number of classes,
+    method, image shape, the shapes and dtypes of every state array (and their
+    fingerprint), the dnet_jax version.
+Beside them, `digests/<step>.json` holds a SHA-256 of every state array's
+bytes, computed by a background thread so that a save costs the training
+thread only the copy of the state to the host.
 Together they are everything a resumed run needs: data order and meta batches
 are functions of (seed, epoch / step), and step keys come from the state.
 
@@ -31,8 +33,9 @@ two more checks here:
     renames it to `<step>.incomplete` (never deletes it) so that the step can
     be saved again;
   * verified: `restore` recomputes every array's SHA-256 and compares it
-    with the record; `check_compatible` compares the record with the run
-    about to resume. Either failure is a `CheckpointError` that names the
+    with `digests/<step>.json` (a checkpoint whose process died before that
+    file was written is restored with a warning); `check_compatible` compares
+    the meta record with the run about to resume. Either failure is a `CheckpointError` that names the
     checkpoint directory and what differs; nothing is deleted.
 """
 
@@ -41,9 +44,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import threading
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -54,8 +60,9 @@ from experiments.errors import CheckpointError, NonFiniteError
 _STATE = "state"
 _LOOP = "loop"
 _META = "meta"
+_DIGESTS = "digests"  # checksums, written off the training thread: digests/<step>.json
 ITEMS = (_STATE, _LOOP, _META)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Files orbax 0.12.8 writes into a step directory just before renaming it into place.
 _ORBAX_COMMIT_FILE = "commit_success.txt"
 _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -109,13 +116,23 @@ def state_digests(host_state) -> dict[str, str]:
   return {name: _array_digest(np.asarray(leaf)) for name, leaf in _leaves_with_names(host_state)}
 
 
-def non_finite_arrays(host_state) -> list[str]:
-  """Names of the floating-point arrays of a host state that hold a NaN or an Inf."""
+@jax.jit
+def _non_finite_flags(tree):
+  def flags(x):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return jnp.zeros((2,), bool)
+    return jnp.stack([jnp.any(jnp.isnan(x)), jnp.any(jnp.isinf(x))])
+  return jax.tree.map(flags, tree)
+
+
+def non_finite_arrays(state) -> list[str]:
+  """Names of the floating-point arrays of a state that hold a NaN or an Inf (checked on
+  the device: one small transfer)."""
+  flags = jax.device_get(_non_finite_flags(state))
   bad = []
-  for name, leaf in _leaves_with_names(host_state):
-    leaf = np.asarray(leaf)
-    if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
-      kinds = [k for k, f in (("nan", np.isnan), ("inf", np.isinf)) if np.any(f(leaf))]
+  for name, (nan, inf) in _leaves_with_names(flags):
+    kinds = [k for k, f in (("nan", nan), ("inf", inf)) if f]
+    if kinds:
       bad.append(f"{name} ({' and '.join(kinds)})")
   return bad
 
@@ -171,6 +188,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._warned: set[int] = set()
+    self._digest_threads: list[threading.Thread] = []
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(int(step)))
@@ -273,14 +291,14 @@ class Checkpointer:
   def save(self, step: int, state, loop: dict[str, Any], identity: dict | None = None) -> bool:
     """Saves (unreplicated state, JSON-able loop dict) under `step`; False if it exists.
 
-    Refuses (NonFiniteError) to save a state with a NaN or Inf anywhere, so
-    the newest checkpoint is always a good state. `identity` (`run_identity`)
-    goes into the meta record, with the array digests.
+    Refuses (NonFiniteError) to save a state with a NaN or Inf anywhere (checked
+    on the device), so the newest checkpoint is always a good state. The state is
+    copied to the host once; orbax writes it in the background, and a background
+    thread records the arrays' SHA-256 in `digests/<step>.json` (`restore` checks them).
     """
     if step in self._manager.all_steps():
       return False
-    host_state = jax.device_get(state)
-    bad = non_finite_arrays(host_state)
+    bad = non_finite_arrays(state)
     if bad:
       latest = self.latest_step()
       kept = (f"the newest checkpoint on disk, {self.step_path(latest)}, is the last good state"
@@ -289,18 +307,85 @@ class Checkpointer:
           f"step {step}: the training state has non-finite values in {', '.join(bad[:5])}"
           f"{', ...' if len(bad) > 5 else ''}; it was not saved and {kept}. Lower the learning "
           "rate or check the data.")
+    # A host copy: the caller's device buffers may be donated to the next step while orbax
+    # writes, and several processes cannot save host-local jax.Arrays ("Cannot serialize
+    # host local jax.Array in multi-host setting"): process 0 writes it, all join the barriers.
+    host_state = jax.device_get(state)
     shapes = state_shapes(host_state)
     meta = {**(identity or {}), "format": FORMAT_VERSION, "step": int(step),
             "dnet_jax_version": dnet_jax.__version__, "state_shapes": shapes,
-            "state_fingerprint": shapes_fingerprint(shapes),
-            "state_digests": state_digests(host_state)}
-    # Several processes: each holds the whole (replicated) state on its own devices, which
-    # orbax refuses to save ("Cannot serialize host local jax.Array in multi-host setting");
-    # the host copy is written by process 0 alone, every process joining the save's barriers.
-    to_save = host_state if jax.process_count() > 1 else state
-    return self._manager.save(int(step), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(to_save), _LOOP: ocp.args.JsonSave(loop),
+            "state_fingerprint": shapes_fingerprint(shapes)}
+    saved = self._manager.save(int(step), args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(host_state), _LOOP: ocp.args.JsonSave(loop),
            _META: ocp.args.JsonSave(meta)}))
+    if saved and jax.process_index() == 0:
+      thread = threading.Thread(target=self._write_digests, args=(int(step), host_state),
+                                daemon=True)
+      thread.start()
+      self._digest_threads.append(thread)
+    return saved
+
+  def _digests_path(self, step: int) -> str:
+    return os.path.join(self.directory, _DIGESTS, f"{int(step)}.json")
+
+  def _write_digests(self, step: int, host_state) -> None:
+    """Background thread: the SHA-256 of every array, written atomically."""
+    os.makedirs(os.path.join(self.directory, _DIGESTS), exist_ok=True)
+    path = self._digests_path(step)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(state_digests(host_state), f)
+    os.replace(path + ".tmp", path)
+
+  def read_digests(self, step: int) -> dict[str, str] | None:
+    """The SHA-256 of every array of checkpoint `step`, or None if none was recorded."""
+    self._join_digest_threads()
+    try:
+      with open(self._digests_path(step), encoding="utf-8") as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"Cannot read the checksums of checkpoint {self.step_path(step)} "
+                            f"({self._digests_path(step)}): {e}. {self._advice(step)}") from e
+
+  def _join_digest_threads(self) -> None:
+    for thread in self._digest_threads:
+      thread.join()
+    self._digest_threads = []
+
+  def replace(self, step: int, state, loop: dict[str, Any], identity: dict | None = None) -> bool:
+    """Saves a newer version of checkpoint `step` (e.g. after the evaluation a SIGTERM deferred).
+
+    The old version is renamed to `<step>.replaced` first and removed only once the new
+    one is complete; `recover_replaced` puts it back if the process died in between.
+    """
+    self._manager.wait_until_finished()
+    old, aside = self.step_path(step), self.step_path(step) + ".replaced"
+    main = jax.process_index() == 0  # on shared storage one process renames, all then save
+    if main and os.path.isdir(old):
+      os.rename(old, aside)
+    _sync_processes("checkpoint_replace_aside")
+    self._manager.reload()
+    saved = self.save(step, state, loop, identity)
+    self._manager.wait_until_finished()
+    if main and saved and self.incomplete_reason(step) is None and os.path.isdir(aside):
+      shutil.rmtree(aside)
+    return saved
+
+  def recover_replaced(self) -> None:
+    """Renames `<step>.replaced` back to `<step>` where the newer version never completed."""
+    for name in os.listdir(self.directory):
+      if name.endswith(".replaced") and name[:-len(".replaced")].isdigit():
+        step = int(name[:-len(".replaced")])
+        step_dir, aside = self.step_path(step), os.path.join(self.directory, name)
+        if os.path.isdir(step_dir) and self.incomplete_reason(step) is None:
+          shutil.rmtree(aside)  # the replacement is complete: the old version is obsolete
+          continue
+        if os.path.isdir(step_dir):
+          os.rename(step_dir, step_dir + ".incomplete-replacement")
+        os.rename(aside, step_dir)
+        logging.warning("Restored %s: its replacement was never completed.", step_dir)
+    self._manager.reload()
 
   def restore(self, step: int, target_state) -> tuple[Any, dict[str, Any]]:
     """(state, loop) of checkpoint `step`, the state in the structure of `target_state`.
@@ -320,16 +405,17 @@ class Checkpointer:
           f"Checkpoint {path} cannot be read: {_first_line(e)}. "
           f"{self._advice(step)}") from e
     state, meta = restored[_STATE], dict(restored[_META])
-    recorded = meta.get("state_digests")
-    if recorded is None:
-      raise CheckpointError(f"Checkpoint {path} has no array checksums (format "
-                            f"{meta.get('format')!r}); {self._advice(step)}")
+    recorded = self.read_digests(step)
     host_state = jax.device_get(state)
     if "state_shapes" in meta and state_shapes(host_state) != meta["state_shapes"]:
       raise CheckpointError(
           f"Checkpoint {path} holds arrays of other shapes or dtypes than the target it was "
           "restored into; check it with `check_compatible` first (the run that wrote it had "
           "another model, method or number of classes).")
+    if recorded is None:  # the process stopped before the background thread wrote them
+      logging.warning("Checkpoint %s has no recorded checksums; its arrays are not verified.",
+                      path)
+      return state, dict(restored[_LOOP])
     actual = state_digests(host_state)
     wrong = sorted(name for name in set(recorded) | set(actual)
                    if recorded.get(name) != actual.get(name))
@@ -360,16 +446,34 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
+    self._join_digest_threads()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
+    self._prune_digests()
     self._manager.close()
+
+  def _prune_digests(self) -> None:
+    """Removes the checksum files of steps that orbax no longer keeps."""
+    directory = os.path.join(self.directory, _DIGESTS)
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+      return
+    kept = {f"{step}.json" for step in self._manager.all_steps()}
+    for name in os.listdir(directory):
+      if name.endswith(".json") and name not in kept:
+        os.remove(os.path.join(directory, name))
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def _first_line(error: BaseException) -> str:

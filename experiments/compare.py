@@ -7,15 +7,11 @@ Difficulty-Net, Balanced Softmax and Difficulty-Net + Balanced Softmax; seeds
   python -m experiments.compare --config=experiments/configs/digits_lt.py \
     --workdir=runs/compare_digits
 
-Measured on a shared 2-core CPU machine (load 3-5 from other jobs; one
-process, persistent compilation cache), rho = 50: 6-9 s per 30-epoch baseline
-run and about 10 s per Difficulty-Net run once its step is compiled (14-25 s
-for the first run of a method, which compiles it; without the cache every run
-pays that again: 11-14 s and 24-26 s), 3 s per 10-epoch stage-2 run; the whole
-default grid is estimated at about 20 minutes (rho = 10 has 1.5x the steps of
-rho = 50). That is within budget, so every method keeps the digits config's own
-settings (30 epochs, stage 2: 10 epochs); `--num_epochs` would shorten all of
-them alike.
+Run time on 2 CPU cores, rho = 50, with the compilation cache: 6-9 s per
+30-epoch baseline run, about 10 s per Difficulty-Net run (14-25 s for the first
+run of a method, which compiles its step), 3 s per 10-epoch stage-2 run; about
+20 minutes for the default grid. Every method keeps the config's settings
+(30 epochs; stage 2: 10 epochs); `--num_epochs` shortens all of them alike.
 
 What it does:
   * every (imbalance factor, method, seed) is a run of the ordinary runner
@@ -617,29 +613,62 @@ def _settings_text(execute: Sequence[Run], results: dict, seeds, imbalance_facto
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  """Defines the command-line flags that `main` reads (`python -m experiments.compare` calls it)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file(
+      "config", None, "Stage-1 experiment config (experiments/configs/*.py); --config.x=y "
+      "overrides apply to every run.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory of the grid (one subdirectory per run).")
+  flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS),
+                      "Comma-separated method keys (see the module docstring).")
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed).")
+  flags.DEFINE_string("imbalance", "10,50,100",
+                      "Comma-separated imbalance factors (config.data.imbalance_factor).")
+  flags.DEFINE_string(
+      "stage2_config", "", "Config file whose stage2 section the stage-2 runs use (default: "
+      "<config>_stage2.py next to --config, else experiments/configs/_stage2.py's defaults).")
+  flags.DEFINE_integer("num_epochs", 0, "Stage-1 epochs for every method (0 = the config's); "
+                       "warm-up and decay epochs scale alike.")
+  flags.DEFINE_integer("stage2_epochs", 0, "Stage-2 epochs (0 = the config's).")
+  flags.DEFINE_integer("max_steps", 0, "Stop every run (stage 1 and 2) after this many steps "
+                       "(0 = no limit; for smoke tests).")
+  flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache directory "
+                      "('' = <workdir>/jax_cache, 'none' = off).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   """The command line: flags -> `run_grid`; a runner error prints its message and exit code."""
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from experiments import errors  # pylint: disable=g-import-not-at-top
   del argv
-  if not flags.FLAGS["verbosity"].present:
+  f = flags.FLAGS
+  if "methods" not in f or "stage2_epochs" not in f:
+    raise app.UsageError("experiments.compare.main reads its command-line flags: call "
+                         "experiments.compare.define_flags() before absl's app.run(main), or use "
+                         "run_grid(...) from Python.")
+  if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # per-run progress is printed below instead
-  config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-  stage2_path = _STAGE2_CONFIG.value or default_stage2_config_path(config_path)
+  config_path = config_flags.get_config_filename(f["config"])
+  stage2_path = f.stage2_config or default_stage2_config_path(config_path)
   section = load_config_file(stage2_path).stage2 if stage2_path else None
-  methods_list = [m.strip() for m in _METHODS.value.split(",") if m.strip()]
+  methods_list = [m.strip() for m in f.methods.split(",") if m.strip()]
   command = (f"Command: python -m experiments.compare --config={config_path} "
-             f"--methods={','.join(methods_list)} --seeds={_SEEDS.value} "
-             f"--imbalance={_IMBALANCE.value}"
+             f"--methods={','.join(methods_list)} --seeds={f.seeds} --imbalance={f.imbalance}"
              + (f" --stage2_config={stage2_path}" if stage2_path else ""))
   try:
-    run_grid(_CONFIG.value, _WORKDIR.value, method_keys=methods_list,
-             seeds=[int(s) for s in _SEEDS.value.split(",")],
-             imbalance_factors=[float(r) for r in _IMBALANCE.value.split(",")],
-             stage2_section=section, num_epochs=_NUM_EPOCHS.value,
-             stage2_epochs=_STAGE2_EPOCHS.value, max_steps=_MAX_STEPS.value,
-             compilation_cache=None if _CACHE.value == "none" else _CACHE.value,
+    run_grid(f.config, f.workdir, method_keys=methods_list,
+             seeds=[int(s) for s in f.seeds.split(",")],
+             imbalance_factors=[float(r) for r in f.imbalance.split(",")],
+             stage2_section=section, num_epochs=f.num_epochs, stage2_epochs=f.stage2_epochs,
+             max_steps=f.max_steps,
+             compilation_cache=None if f.compilation_cache == "none" else f.compilation_cache,
              log=lambda line: print(line, flush=True), header_note=command)
   except errors.RunError as e:  # the runner's message says what to do (experiments/errors.py)
     print(f"{type(e).__name__}: {e}", flush=True)
@@ -648,28 +677,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  from absl import flags
-  from ml_collections import config_flags
-
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None, "Stage-1 experiment config (experiments/configs/*.py); --config.x=y "
-      "overrides apply to every run.", lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the grid (one subdirectory per run).")
-  _METHODS = flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS),
-                                 "Comma-separated method keys (see the module docstring).")
-  _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed).")
-  _IMBALANCE = flags.DEFINE_string("imbalance", "10,50,100",
-                                   "Comma-separated imbalance factors (config.data.imbalance_factor).")
-  _STAGE2_CONFIG = flags.DEFINE_string(
-      "stage2_config", "", "Config file whose stage2 section the stage-2 runs use (default: "
-      "<config>_stage2.py next to --config, else experiments/configs/_stage2.py's defaults).")
-  _NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 0, "Stage-1 epochs for every method (0 = the "
-                                     "config's); warm-up and decay epochs scale alike.")
-  _STAGE2_EPOCHS = flags.DEFINE_integer("stage2_epochs", 0, "Stage-2 epochs (0 = the config's).")
-  _MAX_STEPS = flags.DEFINE_integer("max_steps", 0, "Stop every run (stage 1 and 2) after this many "
-                                    "steps (0 = no limit; for smoke tests).")
-  _CACHE = flags.DEFINE_string("compilation_cache", "", "Persistent compilation cache directory "
-                               "('' = <workdir>/jax_cache, 'none' = off).")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from absl import app as _app
+  define_flags()
+  _app.run(main)

@@ -1,14 +1,9 @@
 """What a run leaves behind: metric logs, a progress bar, results.json, PNG plots, a summary.
 
-Metric writers. clu's `metric_writers` package imports its TensorBoard writer
-eagerly, and that writer needs TensorFlow *and* the `tensorboard` package
-(`clu/metric_writers/tf/summary_writer.py`). The quick-start install
-(requirements.txt) has neither, so `create_metric_writer` uses clu's default
-writer (absl logging + TensorBoard event files in the workdir) only when both
-are importable, and otherwise falls back to a writer of its own that logs
-with absl and appends every scalar to `<workdir>/metrics.jsonl`. The JSONL file
-is written in either case, so scripts can always read the scalars. Only
-process 0 writes anything.
+Metric writers: every scalar goes to `<workdir>/metrics.jsonl` and to
+TensorBoard event files, written by clu's `SummaryWriter` when tensorflow and
+tensorboard are importable, else by tensorboardX; none goes to the terminal
+(it shows a progress bar and one line per evaluation). Only process 0 writes.
 
 Plots use matplotlib's object-oriented API with the Agg canvas (no pyplot, so
 no global backend is changed in the caller's process).
@@ -47,11 +42,8 @@ class JsonlWriter:
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
+    record.update({k: float(v) for k, v in scalars.items() if v is not None})
     self._file.write(json.dumps(record) + "\n")
-
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    self._file.write(json.dumps({"hparams": dict(hparams)}, default=str) + "\n")
 
   def flush(self):
     self._file.flush()
@@ -59,23 +51,6 @@ class JsonlWriter:
   def close(self):
     if not self._file.closed:
       self._file.close()
-
-
-class AbslLoggingWriter:
-  """Logs scalars with absl, like clu's LoggingWriter (used when clu's writers cannot load)."""
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    values = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(scalars.items()))
-    logging.info("[%d] %s", step, values)
-
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    logging.info("[Hyperparameters] %s", dict(hparams))
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
 
 
 class FanOutWriter:
@@ -88,10 +63,6 @@ class FanOutWriter:
     for w in self._writers:
       w.write_scalars(step, scalars)
 
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    for w in self._writers:
-      w.write_hparams(hparams)
-
   def flush(self):
     for w in self._writers:
       w.flush()
@@ -99,13 +70,6 @@ class FanOutWriter:
   def close(self):
     for w in self._writers:
       w.close()
-
-
-class NullWriter(FanOutWriter):
-  """What processes other than 0 get: writes nothing."""
-
-  def __init__(self):
-    super().__init__([])
 
 
 class TensorboardXWriter:
@@ -124,9 +88,6 @@ class TensorboardXWriter:
       if value is not None:
         self._writer.add_scalar(name, float(value), global_step=int(step))
 
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    del hparams  # kept in results.json
-
   def flush(self):
     self._writer.flush()
 
@@ -142,7 +103,7 @@ def tensorboard_available() -> bool:
 def create_metric_writer(workdir: str, *, is_main: bool = True):
   """A metric writer for `workdir` (see the module docstring); returns (writer, description)."""
   if not is_main:
-    return NullWriter(), "none (not process 0)"
+    return FanOutWriter([]), "none (not process 0)"
   os.makedirs(workdir, exist_ok=True)
   jsonl = JsonlWriter(os.path.join(workdir, METRICS_FILE))
   if tensorboard_available():
@@ -150,16 +111,15 @@ def create_metric_writer(workdir: str, *, is_main: bool = True):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
       from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      clu_writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-      return (FanOutWriter([clu_writer, jsonl]),
-              f"clu default writer (absl logging + TensorBoard events in {workdir}) + {METRICS_FILE}")
+      return (FanOutWriter([metric_writers.SummaryWriter(workdir), jsonl]),
+              f"TensorBoard events (clu) in {workdir} + {METRICS_FILE}")
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("TensorBoard writer unavailable (%s); falling back.", e)
   if importlib.util.find_spec("tensorboardX") is not None:
-    return (FanOutWriter([AbslLoggingWriter(), TensorboardXWriter(workdir), jsonl]),
-            f"absl logging + TensorBoard events (tensorboardX) in {workdir} + {METRICS_FILE}")
-  return (FanOutWriter([AbslLoggingWriter(), jsonl]),
-          f"absl logging + {os.path.join(workdir, METRICS_FILE)} (no TensorBoard: install "
+    return (FanOutWriter([TensorboardXWriter(workdir), jsonl]),
+            f"TensorBoard events (tensorboardX) in {workdir} + {METRICS_FILE}")
+  return (FanOutWriter([jsonl]),
+          f"{os.path.join(workdir, METRICS_FILE)} (no TensorBoard: install "
           "tensorboardX, or tensorflow and tensorboard for clu's writer)")
 
 
@@ -434,6 +394,19 @@ def _history_records(history: dict) -> list[dict]:
 
 def format_percent(value) -> str:
   return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:5.2f}"
+
+
+def format_epoch_line(record: dict, num_epochs: int) -> str:
+  """One terminal line per evaluation: epoch, train loss, validation and test accuracy."""
+  test = record["test"]
+  epoch = (f"epoch {record['epoch']:d}/{num_epochs}" if not record.get("partial") else
+           f"step {record['step']} (epoch {record['epoch']:.2f})")
+  loss = record.get("train_loss")
+  return (f"{epoch}: loss {'n/a' if loss is None else f'{loss:.4f}'}, "
+          f"val {format_percent(record['val_accuracy']).strip()}%, test "
+          f"{format_percent(test['overall']).strip()}% (many {format_percent(test['many']).strip()}"
+          f", medium {format_percent(test['medium']).strip()}, few "
+          f"{format_percent(test['few']).strip()})")
 
 
 def format_summary(results: dict, workdir: str, plot_paths: Mapping[str, str]) -> str:

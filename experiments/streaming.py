@@ -1,49 +1,27 @@
-"""Streaming data for the runner: ImageNet-LT, Places-LT and any "split list + image root" set.
+"""Streamed datasets: ImageNet-LT, Places-LT and any "split list + image root" set.
 
-For `config.data.source` in `SOURCES` the runner does not load arrays: it
-streams decoded, augmented, normalised float32 batches from disk with tf.data
-(`dnet_jax.data.image_folder`, `dnet_jax.data.imagenet_lt`), so memory is a
-few batches in flight plus the file-name lists, whatever the data set size.
-`load(config)` returns a `StreamingData`, which gives the trainer what the
-in-memory `LongTailedData` gives it (name, num_classes, class_counts and the
-many/medium/few groups from the *train list*, example counts, the image
-shape) plus the two streams:
+For `config.data.source` in `SOURCES`, `load` returns a `StreamedDataset`
+(the `Dataset` interface of experiments/datasets.py) whose batches tf.data
+decodes, crops, flips and normalises from disk (`dnet_jax.data.split_lists`,
+`dnet_jax.data.imagenet_lt`): memory is a few batches in flight plus the lists.
+Each process reads only its rows of every global batch.
 
-  train_stream(start_step, end_step, with_meta)
-      yields (step, local train batch, local meta batch or None);
-  eval_batches(split)      split "meta" (validation) or "test"
-      yields local batches {"image", "label", "mask"} that cover this
-      process's shard of the split once, padded to the same number of
-      batches in every process (mask 0 on the padding).
-
-"Local" means this process's part of the global batch (global size / number
-of processes), to be split over its local devices with
-`dnet_jax.parallel.shard_batch`; the pmapped steps' collectives (gradient
-means, synchronised BatchNorm, summed evaluation counts) span all processes.
-
-Which examples (source "split_list"; ImageNet-LT and Places-LT with the OLTR
-lists of Liu et al., CVPR 2019). Everything is a pure function of the seed
-and the epoch or step, the same in every process, so a run resumed at any
-step reads exactly what it would have read, and the global batches do not
-depend on the number of processes:
-  * train batch b of epoch e is `epoch_permutation(seed, e, n)[b*B:(b+1)*B]`
-    (the last incomplete batch is dropped), as in the in-memory runner;
+Source "split_list" (ImageNet-LT and Places-LT with the OLTR lists of Liu et
+al., CVPR 2019): batches are pure functions of the seed and the epoch or step,
+the same in every process, so they do not depend on the number of processes:
+  * train batch b of epoch e: rows [b*B, (b+1)*B) of `datasets.epoch_order`;
     process p of P reads rows [p*B/P, (p+1)*B/P) of it;
-  * the meta batch of step s is `meta_batch_indices(seed, s, n_meta, B_meta)`
-    (drawn from the validation list, 20 images per class on ImageNet-LT and
-    Places-LT, without replacement), process p reading its block of rows;
-  * crops and flips are stateless TF ops seeded per example by (seed, epoch,
-    list index) for training and (seed, step, list index) for meta batches.
-Source "imagenet_lt" (TFDS records) reads sequentially instead: each process
-takes its `tfds.split_for_jax_process` part, shuffled per (seed, epoch), and
-the meta batches come from a shuffled, repeated stream of its part of the
-validation split (see `dnet_jax.data.imagenet_lt`).
+  * the meta batch of step s: `meta_batch_indices(seed, s, n_meta, B_meta)` of the
+    validation list, process p reading its block;
+  * crops and flips: stateless TF ops seeded per example by (seed, epoch, list index)
+    for training and (seed, step, list index) for meta batches.
+Source "imagenet_lt" (TFDS records) reads sequentially: each process takes its
+`tfds.split_for_jax_process` part, shuffled per (seed, epoch).
 
 Transforms (torchvision's ImageNet recipe): training random-resized crop +
 horizontal flip (`config.augment`; meta batches with `config.augment_meta`),
-evaluation resize to `data.resize_size` and centre crop `data.image_size`;
-ImageNet mean/std normalisation. The on-device augmentation of the
-in-memory path is not applied (`preprocessors()` are identities).
+evaluation resize to `data.resize_size` and centre crop `data.image_size`,
+ImageNet mean/std normalisation.
 """
 
 from __future__ import annotations
@@ -59,14 +37,17 @@ import numpy as np
 from absl import logging
 
 from dnet_jax.data import batching
-from dnet_jax.data import image_folder
+from dnet_jax.data import split_lists
 from dnet_jax.data import long_tail
+from experiments import datasets
+from experiments import methods
+from experiments import validation
 from experiments.errors import InvalidInputError
 
 SOURCES = ("split_list", "imagenet_lt")
 EVAL_SPLITS = ("meta", "test")
 
-# Stream tag of the meta batches' augmentation seeds (the training crops use image_folder's).
+# Stream tag of the meta batches' augmentation seeds (the training crops use split_lists's).
 _META_AUGMENT_STREAM = 21
 
 
@@ -75,10 +56,9 @@ def is_streaming(config) -> bool:
   return config.data.source in SOURCES
 
 
-def preprocessors():
-  """(train, meta, eval) on-device preprocessing: identities (tf.data did the work)."""
-  identity = lambda rng, images: images  # noqa: E731
-  return identity, identity, identity
+def _identity(rng, images):
+  del rng
+  return images
 
 
 def _get(cfg, key: str, default: Any) -> Any:
@@ -90,8 +70,8 @@ def _get(cfg, key: str, default: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Shape:
-  """Batch sizes of this process and the transform settings."""
+class _ReadPlan:
+  """How this process reads: its part of each global batch, the seed, the transforms."""
   process_index: int
   process_count: int
   batch_size: int  # global
@@ -121,21 +101,22 @@ class _Shape:
 class _SplitListSource:
   """Train / meta (validation) / test split lists under one image root."""
 
-  def __init__(self, shape: _Shape, image_root: str, train: image_folder.SplitList,
-               meta: image_folder.SplitList, test: image_folder.SplitList):
+  def __init__(self, shape: _ReadPlan, image_root: str, train: split_lists.SplitList,
+               meta: split_lists.SplitList, test: split_lists.SplitList):
     self.shape, self.image_root = shape, image_root
     self.splits = {"train": train, "meta": meta, "test": test}
     self.steps_per_epoch = len(train) // shape.batch_size
 
-  def train_batches(self, epoch: int, first: int, last: int) -> Iterator[dict]:
+  def train_batches(self, epoch: int, first: int, last: int, sampler: str) -> Iterator[dict]:
     """Local parts of train batches first..last-1 of `epoch`."""
     s = self.shape
-    order = batching.epoch_permutation(s.seed, epoch, len(self.splits["train"]))
+    order = datasets.epoch_order(sampler, self.splits["train"].labels, s.seed, epoch,
+                                 self.steps_per_epoch * s.batch_size)
     rows = order[first * s.batch_size:last * s.batch_size].reshape(last - first, s.batch_size)
     indices = rows[:, s.rows(s.batch_size)].reshape(-1)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         self.splits["train"], self.image_root, indices,
-        image_folder.augmentation_seeds(s.seed, epoch, indices),
+        split_lists.augmentation_seeds(s.seed, epoch, indices),
         batch_size=s.local(s.batch_size), train=s.augment, **s.transform())
     return ds.as_numpy_iterator()
 
@@ -151,7 +132,7 @@ class _SplitListSource:
     bases = np.repeat([meta_augmentation_seed(s.seed, step) for step in steps],
                       s.local(s.meta_batch_size))
     seeds = np.stack([bases.astype(np.int64), indices], axis=1)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         self.splits["meta"], self.image_root, indices, seeds,
         batch_size=s.local(s.meta_batch_size), train=s.augment_meta, **s.transform())
     return ds.as_numpy_iterator()
@@ -159,10 +140,10 @@ class _SplitListSource:
   def eval_batches(self, split: str) -> Iterator[dict]:
     s = self.shape
     examples = self.splits[split]
-    indices, mask = image_folder.shard_indices(
+    indices, mask = split_lists.shard_indices(
         len(examples), s.local(s.eval_batch_size), train=False, process_index=s.process_index,
         process_count=s.process_count)
-    ds = image_folder.examples_dataset(
+    ds = split_lists.examples_dataset(
         examples, self.image_root, indices, np.zeros((len(indices), 2), np.int64),
         batch_size=s.local(s.eval_batch_size), train=False, mask=mask, **s.transform())
     return ds.as_numpy_iterator()
@@ -173,7 +154,7 @@ class _TfdsImageNetLTSource:
 
   _SPLITS = {"train": "train", "meta": "validation", "test": "test"}
 
-  def __init__(self, shape: _Shape, data_dir: str, shuffle_buffer: int, num_train: int):
+  def __init__(self, shape: _ReadPlan, data_dir: str, shuffle_buffer: int, num_train: int):
     self.shape, self.data_dir, self.shuffle_buffer = shape, data_dir, shuffle_buffer
     per_process = num_train // shape.process_count
     self.steps_per_epoch = per_process // shape.local(shape.batch_size)
@@ -183,9 +164,13 @@ class _TfdsImageNetLTSource:
     return dict(process_index=s.process_index, process_count=s.process_count,
                 **s.transform())
 
-  def train_batches(self, epoch: int, first: int, last: int) -> Iterator[dict]:
+  def train_batches(self, epoch: int, first: int, last: int, sampler: str) -> Iterator[dict]:
     from dnet_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
 
+    if sampler != "instance":
+      raise InvalidInputError(f"data.source='imagenet_lt' (TFDS records, read in order) has no "
+                              f"{sampler!r} sampler; use data.source='split_list' with the "
+                              "ImageNet-LT lists.")
     s = self.shape
     ds = imagenet_lt.make_dataset(
         "train", self.data_dir, batch_size=s.local(s.batch_size), train=True, seed=s.seed,
@@ -223,8 +208,8 @@ def meta_augmentation_seed(seed: int, step: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class StreamingData:
-  """What the trainer needs of a streamed data set (see the module docstring).
+class StreamedDataset:
+  """A `Dataset` (experiments/datasets.py) read from disk by tf.data.
 
   Attributes:
     name: data set name (results, logs).
@@ -244,6 +229,8 @@ class StreamingData:
   num_test: int
   steps_per_epoch: int
   source: Any
+  # tf.data crops, flips and normalises: nothing is left to do on the device.
+  preprocessors: tuple = (_identity, _identity, _identity)
 
   def shot_groups(self, many_threshold: int = 100,
                   few_threshold: int = 20) -> dict[str, np.ndarray]:
@@ -258,8 +245,11 @@ class StreamingData:
             f"test {self.num_test}, image {self.image_shape}, {self.steps_per_epoch} steps "
             "per epoch")
 
-  def train_stream(self, start_step: int, end_step: int, *,
-                   with_meta: bool) -> Iterator[tuple[int, dict, dict | None]]:
+  def info(self, many_threshold: int, few_threshold: int) -> dict:
+    return datasets.data_info(self, many_threshold, few_threshold)
+
+  def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
+                    sampler: str = "instance") -> Iterator[tuple[int, dict, dict | None]]:
     """Yields (step, local train batch, local meta batch or None) for start_step..end_step-1.
 
     One tf.data pipeline per epoch (or the part of it the run covers), so a
@@ -270,7 +260,8 @@ class StreamingData:
       lo, hi = max(start_step, epoch * per_epoch), min(end_step, (epoch + 1) * per_epoch)
       if lo >= hi:
         continue
-      train = self.source.train_batches(epoch, lo - epoch * per_epoch, hi - epoch * per_epoch)
+      train = self.source.train_batches(epoch, lo - epoch * per_epoch, hi - epoch * per_epoch,
+                                        sampler)
       meta = (self.source.meta_batches(epoch, lo, hi) if with_meta
               else itertools.repeat(None))
       count = 0
@@ -283,20 +274,20 @@ class StreamingData:
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     """This process's padded batches of `split` ("meta" = validation, or "test")."""
-    if split not in EVAL_SPLITS:
-      raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
+    if split not in datasets.EVAL_SPLITS:
+      raise ValueError(f"split must be one of {datasets.EVAL_SPLITS}, got {split!r}.")
     return self.source.eval_batches(split)
 
 
 # ---------------------------------------------------------------------------- loading
 
 
-def _shape(config, process_index: int, process_count: int) -> _Shape:
+def _read_plan(config, batch_size: int, process_index: int, process_count: int) -> _ReadPlan:
   data = config.data
   threads = int(_get(data, "decode_threads", 0))
-  return _Shape(
+  return _ReadPlan(
       process_index=process_index, process_count=process_count,
-      batch_size=int(config.batch_size), meta_batch_size=int(config.meta_batch_size),
+      batch_size=batch_size, meta_batch_size=int(config.meta_batch_size),
       eval_batch_size=int(config.eval_batch_size), seed=int(config.seed),
       augment=bool(config.augment), augment_meta=bool(config.augment and config.augment_meta),
       image_size=int(_get(data, "image_size", 224)),
@@ -313,7 +304,7 @@ def _resolve(path: str, image_root: str) -> str:
   return candidate if os.path.exists(candidate) else path
 
 
-def _read_lists(config) -> tuple[str, dict[str, image_folder.SplitList]]:
+def _read_lists(config) -> tuple[str, dict[str, split_lists.SplitList]]:
   data = config.data
   image_root = str(_get(data, "image_root", ""))
   fields = {"train": "train_list", "meta": "meta_list", "test": "test_list"}
@@ -329,7 +320,7 @@ def _read_lists(config) -> tuple[str, dict[str, image_folder.SplitList]]:
   splits = {}
   for split, field in fields.items():
     path = _resolve(str(data[field]), image_root)
-    splits[split] = image_folder.read_split_list(path, num_classes,
+    splits[split] = split_lists.read_split_list(path, num_classes,
                                                  image_root=image_root if check else None)
   if num_classes is None:  # inferred: the largest label of any list
     num_classes = max(s.num_classes for s in splits.values())
@@ -346,8 +337,8 @@ def _check_every_class(counts: np.ndarray, what: str, path: str) -> None:
         f"needs at least one (set data.num_classes to the number of classes the lists use).")
 
 
-def load(config, *, process_index: int | None = None,
-         process_count: int | None = None) -> StreamingData:
+def load(config, *, batch_size: int | None = None, with_meta: bool | None = None,
+         process_index: int | None = None, process_count: int | None = None) -> StreamedDataset:
   """The streamed data set that `config.data` describes (this process's view).
 
   Reads the split lists (checking every line, label and, with
@@ -360,13 +351,16 @@ def load(config, *, process_index: int | None = None,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   data = config.data
-  shape = _shape(config, process_index, process_count)
-  for field in ("batch_size", "meta_batch_size", "eval_batch_size"):
-    if int(config[field]) % process_count:
-      raise InvalidInputError(f"{field}={config[field]} is not divisible by the "
+  batch_size = int(config.batch_size) if batch_size is None else int(batch_size)
+  uses_meta = _uses_meta(config) if with_meta is None else with_meta
+  shape = _read_plan(config, batch_size, process_index, process_count)
+  batch_sizes = {"batch_size": batch_size, "meta_batch_size": int(config.meta_batch_size),
+                 "eval_batch_size": int(config.eval_batch_size)}
+  for field, value in batch_sizes.items():
+    if value % process_count:
+      raise InvalidInputError(f"{field}={value} is not divisible by the "
                               f"{process_count} processes.")
   _check_image_size(config, shape)
-  uses_meta = _uses_meta(config)
   try:
     if data.source == "split_list":
       image_root, splits = _read_lists(config)
@@ -391,13 +385,13 @@ def load(config, *, process_index: int | None = None,
 
   if source.steps_per_epoch < 1:
     raise InvalidInputError(
-        f"batch_size={config.batch_size} is larger than the {sizes['train']} training images "
+        f"batch_size={batch_size} is larger than the {sizes['train']} training images "
         f"(over {process_count} process(es)), so an epoch would have no full batch; lower it.")
   if uses_meta and int(config.meta_batch_size) > sizes["meta"]:
     raise InvalidInputError(
         f"meta_batch_size={config.meta_batch_size} exceeds the meta (validation) set "
         f"({sizes['meta']} images); lower it.")
-  result = StreamingData(
+  result = StreamedDataset(
       name=str(data.name), num_classes=int(num_classes), class_counts=np.asarray(counts, np.int64),
       image_shape=(shape.image_size, shape.image_size, 3), num_train=sizes["train"],
       num_meta=sizes["meta"], num_test=sizes["test"], steps_per_epoch=source.steps_per_epoch,
@@ -411,14 +405,10 @@ def load(config, *, process_index: int | None = None,
 
 
 def _uses_meta(config) -> bool:
-  from experiments import methods  # pylint: disable=g-import-not-at-top
-
   return config.method in methods.DNET_METHODS
 
 
-def _check_image_size(config, shape: _Shape) -> None:
-  from experiments import validation  # pylint: disable=g-import-not-at-top
-
+def _check_image_size(config, shape: _ReadPlan) -> None:
   spec = validation.MODEL_INPUTS.get(config.model)
   if shape.image_size < 1 or shape.resize_size < shape.image_size:
     raise InvalidInputError(
@@ -429,7 +419,7 @@ def _check_image_size(config, shape: _Shape) -> None:
                             f"model={config.model!r}: {spec.description}.")
 
 
-def _load_tfds(config, shape: _Shape):
+def _load_tfds(config, shape: _ReadPlan):
   from dnet_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
 
   data = config.data
@@ -458,33 +448,3 @@ def _quiet_tensorflow() -> None:
   """TensorFlow's C++ INFO lines would flood the log of every process."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   py_logging.getLogger("tensorflow").setLevel(py_logging.WARNING)
-
-
-# ---------------------------------------------------------------------------- evaluation
-
-
-def eval_counts(p_eval, p_state, batches, to_devices, max_in_flight: int = 4):
-  """Per-class (correct, total) float64 [C] of `batches` with the pmapped eval step.
-
-  Counts are summed on the device as batches complete (one transfer at the
-  end; float32 counts are exact below 2**24 images per class); at most
-  `max_in_flight` batches are dispatched ahead of the device, so device memory
-  stays bounded however long the split is. The eval step's psum already sums
-  over every process's devices, so every process gets the totals.
-  """
-  total, pending = None, []
-  for batch in batches:
-    out = p_eval(p_state, to_devices(batch))
-    total = out if total is None else _add_trees(total, out)
-    pending.append(total)
-    if len(pending) > max_in_flight:
-      jax.block_until_ready(pending.pop(0))
-  if total is None:
-    raise ValueError("evaluation got no batches.")
-  host = jax.device_get(total)
-  return (np.asarray(host["correct"][0], np.float64), np.asarray(host["total"][0], np.float64))
-
-
-@jax.jit
-def _add_trees(a, b):
-  return jax.tree.map(lambda x, y: x + y, a, b)

@@ -1,36 +1,21 @@
-"""Checks of a run's config and data, made before anything is compiled.
+"""Checks of a run's config and images, made before anything is compiled.
 
-`train_and_evaluate` calls, in this order:
-  1. `validate_config(config, num_devices)`: names (method, meta-gradient
-     mode, model, ...; `methods.validate_config`), numbers (imbalance factor,
-     batch sizes divisible by the device count, checkpoint intervals);
-  2. `load_data(config)`: the loaders of `dnet_jax.data` check what they read
-     (missing data directory or file, labels outside [0, C), a class with no
-     training or no meta examples, images that are not uint8 0..255 or float
-     in [0, 1], pickles that would run code); their errors are re-raised as
-     `InvalidInputError` with the data set named;
-  3. `check_data(data, config, uses_meta)`: what the loaded data must satisfy
-     for this config: the model's input (`MODEL_INPUTS`), batch sizes no
-     larger than the sets, non-empty test set, shot-group thresholds.
-Every failure is an `errors.InvalidInputError` (a ValueError) whose message
-says what to change; the entry point exits with code 2. The checks reuse the
-data layer's own (they are not repeated here), so the library and the runner
-give the same messages.
-
-What the runner feeds a model: uint8 NHWC images (0..255), normalised and
-augmented on the device. Loaders convert float images in [0, 1] to uint8 and
-refuse other floats, so a float array never reaches the model.
+`validate_config(config, num_devices)` checks names (method, meta-gradient
+mode, model, ...; `methods.validate_config`) and numbers (imbalance factor,
+batch sizes divisible by the device count, checkpoint intervals);
+`check_images` checks that a model of the registry can take the images. The
+data checks live with the datasets (`experiments/datasets.py`,
+`experiments/streaming.py`) and the loaders of `dnet_jax.data`. Every failure
+is an `errors.InvalidInputError` (a ValueError) whose message says what to
+change; the entry point exits with code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
-
 import numpy as np
 
 from dnet_jax.data import long_tail
-from experiments import input_pipeline
 from experiments import methods
 from experiments.errors import InvalidInputError
 
@@ -96,16 +81,6 @@ def validate_config(config, num_devices: int) -> None:
           f"{lower or upper} or {upper}).")
 
 
-def load_data(config):
-  """`input_pipeline.load_data(config)`, its errors as InvalidInputError naming the data set."""
-  data_cfg = config.data
-  where = f" in {data_cfg.data_dir!r}" if data_cfg.get("data_dir") else ""
-  try:
-    return input_pipeline.load_data(config)
-  except (ValueError, OSError, pickle.UnpicklingError) as e:
-    raise _invalid(e, f"Data set {data_cfg.name!r} (source {data_cfg.source!r}{where}): ") from e
-
-
 def check_images(x: np.ndarray, model: str, what: str = "images") -> None:
   """Raises InvalidInputError unless `x` is uint8 NHWC that classifier `model` can take."""
   if not isinstance(x, np.ndarray) or x.ndim != 4:
@@ -130,20 +105,3 @@ def check_images(x: np.ndarray, model: str, what: str = "images") -> None:
         f"model={model!r} cannot take the {what} ({height}x{width}x{channels}: "
         f"{' and '.join(problems)}): {spec.description}. Choose a model for these images "
         "(e.g. --config.model=small_cnn) or resize/convert the images.")
-
-
-def check_data(data, config, uses_meta: bool) -> None:
-  """Checks the loaded data against the config; raises InvalidInputError."""
-  for name in ("train", "meta", "test"):
-    check_images(getattr(data, f"x_{name}"), config.model, f"{name} images")
-  if len(data.y_test) == 0:
-    raise InvalidInputError("The test set is empty; the run would have nothing to report.")
-  try:
-    input_pipeline.steps_per_epoch(len(data.y_train), int(config.batch_size))
-    data.shot_groups(int(config.many_threshold), int(config.few_threshold))
-  except ValueError as e:
-    raise _invalid(e) from e
-  if uses_meta and int(config.meta_batch_size) > len(data.y_meta):
-    raise InvalidInputError(
-        f"meta_batch_size={config.meta_batch_size} exceeds the meta set ({len(data.y_meta)} "
-        "images); lower it or raise data.meta_per_class.")

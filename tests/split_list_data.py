@@ -2,7 +2,7 @@
 
 Every image is one solid colour that encodes its class (red channel) and its
 line in its list (green channel), so a decoded, cropped, resized or flipped
-batch still says which example it is (cf. tests/test_image_folder.py).
+batch still says which example it is (cf. tests/test_split_lists.py).
 """
 
 from __future__ import annotations

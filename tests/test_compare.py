@@ -165,3 +165,10 @@ def test_class_weights_plot_from_results(tmp_path):
   assert os.path.getsize(path) > 1000
   assert not compare.plot_class_weights(path, [compare.Run(compare.method_spec("ce"), 50.0, 0,
                                                            "x", None)], {})
+
+
+def test_main_imported_names_what_it_needs():
+  """`compare.main` from an import: a usage error naming define_flags, not a NameError."""
+  from absl import app
+  with pytest.raises(app.UsageError, match=r"call experiments\.compare\.define_flags\(\)"):
+    compare.main([])

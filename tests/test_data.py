@@ -267,18 +267,17 @@ def test_long_tailed_data_shot_groups_method(fake_cifar100):
 
 
 def digits_config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(
-      source="digits", name="digits", data_dir="", imbalance_factor=10.0,
-      protocol="public", meta_per_class=10, n_max=0, seed=0,
-      digits_test_per_class=50))
-  cfg.update(overrides)
-  return cfg
+  kwargs = dict(source="digits", name="digits", data_dir="", imbalance_factor=10.0,
+                protocol="public", meta_per_class=10, n_max=0, seed=0,
+                digits_test_per_class=50)
+  kwargs.update(overrides)
+  return kwargs
 
 
 def test_digits_source():
   from sklearn.datasets import load_digits
   raw = load_digits()
-  data = dd.load_long_tailed(digits_config())
+  data = dd.load_long_tailed(**digits_config())
   assert data.num_classes == 10
   for x in (data.x_train, data.x_meta, data.x_test):
     assert x.dtype == np.uint8 and x.shape[1:] == (8, 8, 1)
@@ -306,13 +305,13 @@ def test_digits_source():
 
 
 def test_digits_deterministic_and_seeded():
-  a = dd.load_long_tailed(digits_config(seed=1))
-  b = dd.load_long_tailed(digits_config(seed=1))
-  c = dd.load_long_tailed(digits_config(seed=2))
+  a = dd.load_long_tailed(**digits_config(seed=1))
+  b = dd.load_long_tailed(**digits_config(seed=1))
+  c = dd.load_long_tailed(**digits_config(seed=2))
   np.testing.assert_array_equal(a.x_train, b.x_train)
   np.testing.assert_array_equal(a.x_test, b.x_test)
   assert not np.array_equal(a.x_test, c.x_test)
-  ldam = dd.load_long_tailed(digits_config(protocol="ldam", seed=1))
+  ldam = dd.load_long_tailed(**digits_config(protocol="ldam", seed=1))
   np.testing.assert_array_equal(ldam.class_counts, a.class_counts)
   np.testing.assert_array_equal(ldam.x_meta, a.x_meta)
 
@@ -320,9 +319,7 @@ def test_digits_deterministic_and_seeded():
 def test_digits_does_not_import_tensorflow():
   code = ("import sys, ml_collections\n"
           "from dnet_jax.data import load_long_tailed\n"
-          "cfg = ml_collections.ConfigDict(dict(source='digits', "
-          "imbalance_factor=10.0))\n"
-          "print(load_long_tailed(cfg).summary())\n"
+          "print(load_long_tailed('digits', imbalance_factor=10.0).summary())\n"
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
           "assert 'tensorflow_datasets' not in sys.modules\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
@@ -333,11 +330,11 @@ def test_digits_does_not_import_tensorflow():
 
 def test_config_errors():
   with pytest.raises(ValueError, match="unknown data source 'mnist'"):
-    dd.load_long_tailed(digits_config(source="mnist"))
+    dd.load_long_tailed(**digits_config(source="mnist"))
   with pytest.raises(ValueError, match="needs 'imbalance_factor'"):
-    dd.load_long_tailed(ml_collections.ConfigDict(dict(source="digits")))
+    dd.load_long_tailed("digits", imbalance_factor=None)
   with pytest.raises(ValueError, match="digits class .* fewer than"):
-    dd.load_long_tailed(digits_config(digits_test_per_class=170))
+    dd.load_long_tailed(**digits_config(digits_test_per_class=170))
 
 
 # -------------------------------------------------------------------- TFDS
@@ -351,7 +348,7 @@ def test_tfds_source_with_mock_data(tmp_path):
       imbalance_factor=5.0, protocol="public", meta_per_class=5, n_max=0,
       seed=0))
   with tfds.testing.mock_data(num_examples=n):
-    data = dd.load_long_tailed(cfg)
+    data = dd.load_long_tailed(**cfg.to_dict())
     # The mock's examples, read independently in the same (file) order.
     reference = list(tfds.as_numpy(tfds.load(
         "cifar10", split="train", data_dir=str(tmp_path), download=False,
@@ -488,7 +485,7 @@ def test_cifar100_pickle_long_tailed(tmp_path):
       source="cifar_pickle", name="cifar100", data_dir=str(tmp_path),
       imbalance_factor=2.0, protocol="public", meta_per_class=1, n_max=0,
       seed=0))
-  data = dd.load_long_tailed(cfg)
+  data = dd.load_long_tailed(**cfg.to_dict())
   assert data.num_classes == 100
   assert np.bincount(data.y_meta).tolist() == [1] * 100
   assert data.class_counts.tolist() == ldam_counts(100, 5, 2)
@@ -573,7 +570,7 @@ def test_npz_source(tmp_path):
   cfg = ml_collections.ConfigDict(dict(
       source="npz", name="mine", data_dir=str(path), imbalance_factor=4.0,
       protocol="public", meta_per_class=2, n_max=0, seed=0))
-  data = dd.load_long_tailed(cfg)
+  data = dd.load_long_tailed(**cfg.to_dict())
   assert data.num_classes == 3 and data.name == "mine"
   assert data.x_train.shape[1:] == (5, 5, 1) and data.x_train.dtype == np.uint8
   assert data.class_counts.tolist() == ldam_counts(3, 18, 4)
@@ -583,13 +580,13 @@ def test_npz_source(tmp_path):
   np.testing.assert_array_equal(data.x_test, x_test)
   # A directory holding <name>.npz works too.
   cfg.data_dir = str(tmp_path)
-  assert dd.load_long_tailed(cfg).class_counts.tolist() == ldam_counts(3, 18, 4)
+  assert dd.load_long_tailed(**cfg.to_dict()).class_counts.tolist() == ldam_counts(3, 18, 4)
 
   # Given meta arrays are used as they are.
   np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test,
            y_test=np.arange(9) % 3, x_meta=x_test[:6], y_meta=np.arange(6) % 3)
   cfg.data_dir = str(path)
-  data = dd.load_long_tailed(cfg)
+  data = dd.load_long_tailed(**cfg.to_dict())
   np.testing.assert_array_equal(data.x_meta, x_test[:6])
   assert data.class_counts.tolist() == ldam_counts(3, 20, 4)
 
@@ -601,7 +598,7 @@ def test_npz_errors(tmp_path):
       seed=0))
   with pytest.raises(FileNotFoundError, match="none.npz' not found; expected "
                      "a .npz with arrays x_train"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   path = tmp_path / "bad.npz"
   cfg.data_dir = str(path)
@@ -610,32 +607,32 @@ def test_npz_errors(tmp_path):
   np.savez(path, x_train=x, y_train=y, x_test=x)
   with pytest.raises(ValueError, match=r"lacks array\(s\) y_test; expected "
                      "x_train, y_train, x_test, y_test"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   np.savez(path, x_train=x.astype(np.float32) + 255, y_train=y, x_test=x,
            y_test=y)
   with pytest.raises(ValueError, match=r"floats in \[255.0, 255.0\], but "
                      r"float images must lie in \[0, 1\]"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   np.savez(path, x_train=x.astype(np.int32) - 1, y_train=y, x_test=x,
            y_test=y)
   with pytest.raises(ValueError, match=r"range \[-1, -1\]; expected uint8"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   np.savez(path, x_train=x, y_train=y - 1, x_test=x, y_test=y)
   with pytest.raises(ValueError, match=r"label\(s\) outside \[0, 2\): -1"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y,
            x_meta=x[:1], y_meta=y[:1])
   with pytest.raises(ValueError, match=r"meta set has no examples of "
                      r"class\(es\) 1"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
   path.write_bytes(b"garbage")
   with pytest.raises(ValueError, match="not a readable .npz file"):
-    dd.load_long_tailed(cfg)
+    dd.load_long_tailed(**cfg.to_dict())
 
 
 # ---------------------------------------------------------------- batching

@@ -26,6 +26,7 @@ import pytest
 from dnet_jax.models import build_classifier
 from dnet_jax.models import pretrained
 from dnet_jax.state import create_train_state
+from experiments import experiment
 from experiments import pretrained_init
 from experiments import trainer
 from experiments.configs import imagenet_lt
@@ -54,7 +55,7 @@ def lists(tmp_path_factory):
 @pytest.fixture
 def narrow_models(monkeypatch):
   """The runner builds the config's ResNet with base width WIDTH instead of 64."""
-  monkeypatch.setattr(trainer, "build_classifier",
+  monkeypatch.setattr(experiment, "build_classifier",
                       lambda name, n, **kw: build_classifier(name, n, width=WIDTH, **kw))
 
 

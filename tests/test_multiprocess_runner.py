@@ -201,7 +201,10 @@ def test_only_process_0_wrote_results_logs_and_plots(runs):
   for phase in ("first", "resumed"):
     assert "test, final epoch" in _tail(runs["logs"] / f"{phase}_process0.log", 20000)
     assert "test, final epoch" not in _tail(runs["logs"] / f"{phase}_process1.log", 20000)
-  assert sorted(os.listdir(os.path.join(shared, "checkpoints"))) == ["11", "13", "9"]
+  checkpoints = os.path.join(shared, "checkpoints")
+  assert sorted(os.listdir(checkpoints)) == ["11", "13", "9", "digests"]
+  assert sorted(os.listdir(os.path.join(checkpoints, "digests"))) == ["11.json", "13.json",
+                                                                      "9.json"]
 
 
 def test_cluster_flags_need_jax_distributed(tmp_path):

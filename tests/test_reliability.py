@@ -9,6 +9,7 @@ tests/test_validation.py.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 
@@ -19,7 +20,8 @@ import pytest
 
 from experiments import checkpointing
 from experiments import errors
-from experiments import input_pipeline
+from experiments import datasets
+from experiments import loop as loop_lib
 from experiments import methods
 from experiments import preemption
 from experiments import trainer
@@ -53,16 +55,37 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def test_accumulate_records_the_first_non_finite_step_of_each_metric():
   metrics = lambda loss, grad: {"train_loss": jnp.float32(loss), "grad_norm": jnp.float32(grad)}
-  sums, first_bad = trainer._accumulate(None, None, metrics(1.0, 2.0), jnp.int32(1))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.inf, 3.0), jnp.int32(2))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(np.nan, np.nan), jnp.int32(3))
-  sums, first_bad = trainer._accumulate(sums, first_bad, metrics(1.0, 1.0), jnp.int32(4))
-  entries = trainer._non_finite_entries(jax.device_get(first_bad))
+  sums, first_bad = loop_lib.accumulate(None, None, metrics(1.0, 2.0), jnp.int32(1))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(np.inf, 3.0), jnp.int32(2))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(np.nan, np.nan), jnp.int32(3))
+  sums, first_bad = loop_lib.accumulate(sums, first_bad, metrics(1.0, 1.0), jnp.int32(4))
+  entries = loop_lib.non_finite_entries(jax.device_get(first_bad))
   assert [(s, n) for s, n, _ in entries] == [(2, "train_loss"), (3, "grad_norm")]
   assert np.isposinf(entries[0][2]) and np.isnan(entries[1][2])
   assert float(sums["grad_norm"]) != float(sums["grad_norm"])  # the sums carry the NaN too
-  assert trainer._non_finite_entries(
-      jax.device_get(trainer._accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
+  assert loop_lib.non_finite_entries(
+      jax.device_get(loop_lib.accumulate(None, None, metrics(1.0, 1.0), jnp.int32(1))[1])) == []
+
+
+def test_periodic_actions_by_hand():
+  periodic = loop_lib.Periodic(steps_per_epoch=9, total_steps=20, log_every_steps=4,
+                               checkpoint_every_epochs=2, checkpoint_every_steps=5)
+  steps = range(1, 21)
+  assert [s for s in steps if periodic.log(s)] == [4, 8, 12, 16, 20]
+  assert [s for s in steps if periodic.evaluate(s)] == [9, 18, 20]  # epoch ends and the end
+  # every 5 steps, every 2nd epoch end (18, not 9), and the last step
+  assert [s for s in steps if periodic.checkpoint(s)] == [5, 10, 15, 18, 20]
+
+
+def test_progress_json_round_trip_and_version():
+  progress = loop_lib.Progress(steps_per_epoch=9, num_train=300, step=13, history=[{"epoch": 1}],
+                               epoch_sums={"train_loss": 2.5}, epoch_steps=4,
+                               schedule={"num_epochs": 3}, extra={"stage1_step": 7})
+  record = json.loads(json.dumps(progress.to_json()))
+  assert (record["epoch"], record["position_in_epoch"]) == (1, 4)
+  assert loop_lib.Progress.from_json(record, "ckpt/13") == progress
+  with pytest.raises(errors.CheckpointError, match=r"ckpt/13 holds bookkeeping of version 2"):
+    loop_lib.Progress.from_json(dict(record, version=2), "ckpt/13")
 
 
 def _poison_step_fn(monkeypatch, bad_step: int):
@@ -150,15 +173,15 @@ def _sigterm_at(monkeypatch, step_index: int):
   With the two-batch prefetch that happens right after step `step_index - 1`
   (1-based) finished, so the loop stops after step `step_index`.
   """
-  original = input_pipeline.train_stream
+  original = datasets.InMemoryDataset.train_batches
 
-  def train_stream(*args, **kwargs):
+  def train_batches(*args, **kwargs):
     for item in original(*args, **kwargs):
       if item[0] == step_index:
         os.kill(os.getpid(), signal.SIGTERM)
       yield item
 
-  monkeypatch.setattr(input_pipeline, "train_stream", train_stream)
+  monkeypatch.setattr(datasets.InMemoryDataset, "train_batches", train_batches)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +207,7 @@ def resumable_config():
 
 def final_digests(workdir, step):
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-    return checkpointer.read_meta(step)["state_digests"]
+    return checkpointer.read_digests(step)
 
 
 COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",

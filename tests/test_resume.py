@@ -117,8 +117,9 @@ def final_arrays(workdir, step: int):
   path = os.path.join(workdir, "checkpoints", str(step))
   with ocp.StandardCheckpointer() as reader:
     arrays = jax.device_get(reader.restore(os.path.join(path, "state")))
-  with open(os.path.join(path, "meta", "metadata"), encoding="utf-8") as f:
-    digests = json.load(f)["state_digests"]
+  with open(os.path.join(workdir, "checkpoints", "digests", f"{step}.json"),
+            encoding="utf-8") as f:
+    digests = json.load(f)
   return arrays, digests
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,7 +19,11 @@ from jax.flatten_util import ravel_pytree
 
 from dnet_jax import stage2 as s2
 from dnet_jax.models import SmallCNN
+from experiments import checkpointing
+from experiments import datasets
 from experiments import errors
+from experiments import loop as loop_lib
+from experiments import preemption
 from experiments import reporting
 from experiments import stage2
 from experiments import trainer
@@ -338,3 +343,151 @@ def test_entry_point_and_a_stage1_run_trained_further(stage1_run, tmp_path):
   trainer.train_and_evaluate(_stage1_config(max_steps=6), str(stage1_dir))
   with pytest.raises(errors.CheckpointError, match="now at step 6"):
     stage2.train_stage2(_stage2_config(stage1_dir, max_steps=5), str(workdir))
+
+
+# ---------------------------------------------------------------------------- stage-2 resume
+
+
+RESUME_OVERRIDES = {"stage2.num_epochs": 2, "stage2.max_steps": 0, "checkpoint_every_steps": 4}
+STAGE2_STEPS = 18  # 2 epochs of 9 steps; checkpoints at 4, 8, 9, 12, 16 and 18
+COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",
+            "per_class_test_accuracy", "stage2")
+
+
+def _resumable_stage2_config(stage1_dir):
+  config = _stage2_config(stage1_dir, "las")
+  for key, value in RESUME_OVERRIDES.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  return config
+
+
+def _final_digests(workdir, step):
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    return checkpointer.read_digests(step)
+
+
+@pytest.fixture(scope="module")
+def stage2_reference(stage1_run, tmp_path_factory):
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    workdir = str(tmp_path_factory.mktemp("stage2_reference"))
+    results = stage2.train_stage2(_resumable_stage2_config(stage1_run[0]), workdir)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+  return results, _final_digests(workdir, STAGE2_STEPS)
+
+
+# The child kills itself with SIGKILL while the dataset builds batch KILL_AT (steps 1..KILL_AT-1
+# done, saves of checkpoints 4, 8, 9 and 12 possibly still being written).
+_KILL_AT = 13
+_CHILD = """
+import os, runpy, signal, sys
+from experiments import datasets
+original = datasets.InMemoryDataset.train_batches
+def train_batches(*args, **kwargs):
+  for item in original(*args, **kwargs):
+    if item[0] == {kill_at}:
+      os.kill(os.getpid(), signal.SIGKILL)
+    yield item
+datasets.InMemoryDataset.train_batches = train_batches
+sys.argv = ["train"] + {argv!r}
+runpy.run_module("experiments.train", run_name="__main__")
+"""
+
+
+def _sigterm_at(monkeypatch, step_index: int):
+  original = datasets.InMemoryDataset.train_batches
+
+  def train_batches(*args, **kwargs):
+    for item in original(*args, **kwargs):
+      if item[0] == step_index:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield item
+
+  monkeypatch.setattr(datasets.InMemoryDataset, "train_batches", train_batches)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_stage2_resumes_exactly_after_sigterm_and_sigkill(stage1_run, stage2_reference, tmp_path,
+                                                          monkeypatch, how):
+  reference, reference_digests = stage2_reference
+  workdir = str(tmp_path / how)
+  if how == "sigterm":
+    with monkeypatch.context() as patch:
+      _sigterm_at(patch, 5)
+      with pytest.raises(errors.Preempted, match="Stopped by SIGTERM after step 5 of 18"):
+        stage2.train_stage2(_resumable_stage2_config(stage1_run[0]), workdir)
+    expected_start = 5
+  else:
+    argv = ["--config=experiments/configs/digits_lt_stage2.py", f"--workdir={workdir}",
+            f"--config.stage1_workdir={stage1_run[0]}", "--config.progress_bar=False",
+            "--config.log_every_steps=2"] + [f"--config.{k}={v}" for k, v in
+                                              RESUME_OVERRIDES.items()]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _CHILD.format(kill_at=_KILL_AT, argv=argv)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    expected_start = None
+  assert not os.path.exists(os.path.join(workdir, reporting.RESULTS_FILE))
+  resumed = stage2.train_stage2(_resumable_stage2_config(stage1_run[0]), workdir)
+  if expected_start is None:  # the newest complete checkpoint before the kill
+    assert resumed["start_step"] in (4, 8, 9, 12), resumed["start_step"]
+  else:
+    assert resumed["start_step"] == expected_start
+  for key in COMPARED:
+    assert resumed[key] == reference[key], key
+  assert _final_digests(workdir, STAGE2_STEPS) == reference_digests  # bit-identical state
+
+
+def test_sigterm_on_the_last_step_then_two_reruns(stage1_run, tmp_path, monkeypatch):
+  """The deferred evaluation is done and saved by the first rerun; the second only reports.
+  Resuming with another stage2.num_epochs (another cosine schedule) is refused."""
+  workdir = str(tmp_path / "last_step")
+  config = _stage2_config(stage1_run[0], "lws", max_steps=3)
+  config.stage2.num_epochs = 1
+
+  def stop_at_last_step(self, step):
+    if step == 3:
+      self._requested = signal.SIGTERM  # what the handler does on SIGTERM  # pylint: disable=protected-access
+    return self._requested is not None  # pylint: disable=protected-access
+
+  with monkeypatch.context() as patch:
+    patch.setattr(preemption.StopSignal, "should_stop", stop_at_last_step)
+    with pytest.raises(errors.Preempted, match="after step 3 of 3"):
+      stage2.train_stage2(config, workdir)
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    assert checkpointer.restore_loop(3)["pending_evaluation"] is True
+
+  evaluations = []
+  original = loop_lib.eval_counts
+
+  def counted(*args, **kwargs):
+    evaluations.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(loop_lib, "eval_counts", counted)
+  first = stage2.train_stage2(config, workdir)  # evaluates (meta, test; restored network)
+  assert first["steps"] == 3 and first["history"]["step"] == [3] and len(evaluations) == 3
+  results_path = os.path.join(workdir, reporting.RESULTS_FILE)
+  written = os.stat(results_path).st_mtime_ns
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    assert checkpointer.all_steps() == [3]
+    assert checkpointer.restore_loop(3)["pending_evaluation"] is False
+  # The pending version was replaced, not left beside it; the new one has its checksums.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "digests"]
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+    shapes = checkpointer.read_meta(3)["state_shapes"]
+    assert set(checkpointer.read_digests(3)) == {name for name, _, _ in shapes}
+
+  second = stage2.train_stage2(config, workdir)  # only reports
+  assert len(evaluations) == 3 and os.stat(results_path).st_mtime_ns == written
+  assert second["final_test"] == first["final_test"] and second["start_step"] == 3
+
+  config.stage2.num_epochs = 3
+  with pytest.raises(errors.InvalidInputError,
+                     match=r"another learning-rate schedule: stage2\.num_epochs: 1 there, 3 now.*"
+                           r"--config\.stage2\.num_epochs=1"):
+    stage2.train_stage2(config, workdir)

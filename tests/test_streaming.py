@@ -1,7 +1,8 @@
 """The streamed data path of the runner (experiments/streaming.py) on generated JPEG lists.
 
-No model here: what each process reads, in which order, with which padding.
-The runner itself is run on these lists in tests/test_large_configs.py.
+What each process reads, in which order, with which padding; then stage 1 and
+stage 2 (LAS, cRT, LWS) of the runner on these lists with a small CNN. The
+large-scale configs are run on them in tests/test_large_configs.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ import importlib.util
 import numpy as np
 import pytest
 
+from dnet_jax.data import split_lists
+from experiments import datasets
+from experiments import stage2
 from experiments import streaming
+from experiments import trainer
+from experiments.configs import _stage2
 from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
@@ -44,7 +50,7 @@ def load(config, process_index=0, process_count=1):
 
 
 def collect(data, start, end):
-  return list(data.train_stream(start, end, with_meta=True))
+  return list(data.train_batches(start, end, with_meta=True))
 
 
 def test_counts_groups_and_sizes_come_from_the_lists(lists):
@@ -95,7 +101,7 @@ def test_a_resumed_stream_reads_what_the_uninterrupted_one_read(lists):
 
 
 def test_without_meta_batches(lists):
-  items = list(load(tiny_config(lists)).train_stream(0, 2, with_meta=False))
+  items = list(load(tiny_config(lists)).train_batches(0, 2, with_meta=False))
   assert [meta for _, _, meta in items] == [None, None]
 
 
@@ -157,3 +163,35 @@ def test_tfds_imagenet_lt_source(tmp_path):
   for _, batch, meta in items:
     assert batch["image"].shape == meta["image"].shape == (2, 32, 32, 3)
   np.testing.assert_array_equal(np.concatenate([b["mask"] for b in evaluation]), [1] * 6 + [0] * 2)
+
+
+def test_class_balanced_sampler_reads_the_rows_of_its_draw(lists):
+  data = load(tiny_config(lists))
+  labels = split_lists.read_split_list(lists["train_list"]).labels
+  order = datasets.epoch_order("class_balanced", labels, 0, 1, 5 * 4)  # epoch 1, 5 batches of 4
+  items = list(data.train_batches(5, 7, with_meta=False, sampler="class_balanced"))
+  for (step, batch, _), rows in zip(items, order.reshape(5, 4)):
+    np.testing.assert_array_equal(batch["label"], labels[rows])
+    np.testing.assert_array_equal(split_list_data.decode(batch["image"], (0.485, 0.456, 0.406),
+                                                         (0.229, 0.224, 0.225)), labels[rows])
+
+
+@pytest.mark.usefixtures("fast_compilation")
+def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
+  """Stage 1 (2 steps) then each stage-2 method (2 steps) on the streamed JPEG lists."""
+  config = tiny_config(lists, model="small_cnn", method="ce", num_epochs=1, max_steps=2,
+                       progress_bar=False, augment=False)
+  stage1_results = trainer.train_and_evaluate(config, str(tmp_path / "stage1"))
+  for method in ("las", "crt", "lws"):
+    config2 = _stage2.add_stage2_fields(tiny_config(lists, model="small_cnn", method="ce",
+                                                    progress_bar=False, augment=False))
+    config2.stage1_workdir = str(tmp_path / "stage1")
+    config2.stage2.method, config2.stage2.max_steps, config2.stage2.batch_size = method, 2, 4
+    results = stage2.train_stage2(config2, str(tmp_path / method))
+    assert results["steps"] == 2 and results["stage2"]["method"] == method
+    assert results["data"]["class_counts"] == TRAIN_COUNTS
+    # The stage-1 network, restored and evaluated through the stage-2 steps, reproduces
+    # stage 1's own test accuracy (read from the same JPEGs).
+    assert (results["stage1"]["restored_test"]["overall"]
+            == stage1_results["final_test"]["overall"])
+    assert (results["stage2"]["logit_scales"] is None) == (method == "crt")

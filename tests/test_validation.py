@@ -19,6 +19,7 @@ import pytest
 
 from experiments import errors
 from experiments import trainer
+from experiments import datasets
 from experiments import validation
 from experiments.configs import digits_lt
 
@@ -157,7 +158,7 @@ def test_float_images_in_unit_range_become_uint8(tmp_path):
   arrays = toy_arrays()
   for key in ("x_train", "x_test"):
     arrays[key] = arrays[key].astype(np.float32) / 255.0
-  data = validation.load_data(npz_config(tmp_path, arrays))
+  data = datasets.load(npz_config(tmp_path, arrays)).data
   assert data.x_train.dtype == np.uint8 and data.x_test.dtype == np.uint8
 
 

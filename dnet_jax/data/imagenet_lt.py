@@ -1,4 +1,4 @@
-"""ImageNet-LT from TensorFlow Datasets (`imagenet_lt`), streamed like `image_folder`.
+"""ImageNet-LT from TensorFlow Datasets (`imagenet_lt`), streamed like `split_lists`.
 
 TFDS's `imagenet_lt` is built from ImageNet 2012 with the OLTR split lists
 (Liu et al., CVPR 2019): "train" (115,846 images, 1,280..5 per class),
@@ -15,17 +15,17 @@ manual download, so it is never fetched here:
          imagenet_lt.prepare(DATA_DIR, MANUAL_DIR)
      or `tfds build imagenet_lt --data_dir=DATA_DIR --manual_dir=MANUAL_DIR`.
   3. Read it with `make_dataset(split, DATA_DIR, ...)`.
-Alternatively, extract the tars and use `dnet_jax.data.image_folder` with the
+Alternatively, extract the tars and use `dnet_jax.data.split_lists` with the
 OLTR lists `ImageNet_LT_{train,val,test}.txt` directly (no TFDS build).
 
-Batches have the same format and transforms as `image_folder.make_dataset`
+Batches have the same format and transforms as `split_lists.make_dataset`
 (torchvision's random-resized crop + flip for training, resize 256 + centre
 crop 224 for evaluation, ImageNet normalisation; "mask" in evaluation).
 Multi-process: each process reads `tfds.split_for_jax_process` of the split
 (equal sizes for training, the remainder dropped; padded to the same number of
 batches, mask 0, for evaluation). Order: TFDS file shuffling and a bounded
 shuffle buffer, both seeded from (seed, epoch), so an epoch is reproducible;
-unlike `image_folder` this is not a global permutation (TFRecords are read
+unlike `split_lists` this is not a global permutation (TFRecords are read
 sequentially). The augmentation of an example is seeded by (seed, epoch, its
 TFDS id).
 
@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from dnet_jax.data import image_folder
+from dnet_jax.data import split_lists
 
 NAME = "imagenet_lt"
 NUM_CLASSES = 1000
@@ -59,7 +59,7 @@ def _not_prepared_message(data_dir: str) -> str:
       f"`dnet_jax.data.imagenet_lt.prepare({data_dir!r}, MANUAL_DIR)` (or `tfds build "
       f"{NAME} --data_dir={data_dir} --manual_dir=MANUAL_DIR`; see "
       "https://www.tensorflow.org/datasets/catalog/imagenet_lt). Alternatively use "
-      "dnet_jax.data.image_folder with the OLTR lists ImageNet_LT_{train,val,test}.txt.")
+      "dnet_jax.data.split_lists with the OLTR lists ImageNet_LT_{train,val,test}.txt.")
 
 
 def prepare(data_dir: str | os.PathLike, manual_dir: str | os.PathLike) -> None:
@@ -98,13 +98,13 @@ def _cardinality(ds, what: str) -> int:
 def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, train: bool,
                  seed: int = 0, epoch: int = 0, process_index: int | None = None,
                  process_count: int | None = None, image_size: int = 224,
-                 resize_size: int = 256, mean: Sequence[float] = image_folder.IMAGENET_MEAN,
-                 std: Sequence[float] = image_folder.IMAGENET_STD, flip: bool = True,
+                 resize_size: int = 256, mean: Sequence[float] = split_lists.IMAGENET_MEAN,
+                 std: Sequence[float] = split_lists.IMAGENET_STD, flip: bool = True,
                  shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
                  prefetch: int = 2, skip_batches: int = 0):
   """One epoch of this process's ImageNet-LT batches as a `tf.data.Dataset`.
 
-  Arguments as `image_folder.make_dataset`, with `split` one of "train",
+  Arguments as `split_lists.make_dataset`, with `split` one of "train",
   "validation", "test" (or any TFDS split expression) and `data_dir` the TFDS
   data directory. `shuffle_buffer` bounds the memory of the example shuffle
   (encoded JPEGs, ~110 kB each on ImageNet). `skip_batches` (training only)
@@ -117,7 +117,7 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  tf = image_folder._tf()  # pylint: disable=protected-access
+  tf = split_lists._tf()  # pylint: disable=protected-access
   data_dir = os.fspath(data_dir)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -133,7 +133,7 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
                    .integers(2**31 - 1))
   ds = _load_split(tfds, local_split, data_dir, shuffle_files=train,
                    shuffle_seed=order_seed if train else None)
-  steps = image_folder.num_batches(total, batch_size, train=train, process_count=process_count)
+  steps = split_lists.num_batches(total, batch_size, train=train, process_count=process_count)
   if train:
     if steps == 0:
       raise ValueError(f"{NAME} {split!r} has too few examples for a batch of {batch_size} in "
@@ -142,13 +142,13 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
     ds = ds.take(steps * batch_size).skip(int(skip_batches) * batch_size)
   elif skip_batches:
     raise ValueError("skip_batches is for training only; evaluation reads every example.")
-  base_seed = image_folder.augmentation_seed(seed, epoch)
+  base_seed = split_lists.augmentation_seed(seed, epoch)
 
   def load(example):
     # A stable per-example seed from the example's TFDS id (file and record number).
     example_seed = tf.strings.to_hash_bucket_fast(example["tfds_id"], 2**31 - 1)
     seeds = tf.stack([tf.constant(base_seed, tf.int64), example_seed])
-    out = {"image": image_folder.preprocess(
+    out = {"image": split_lists.preprocess(
                example["image"], seeds, train=train, image_size=image_size,
                resize_size=resize_size, mean=mean, std=std, flip=flip),
            "label": tf.cast(example["label"], tf.int32)}
@@ -177,8 +177,8 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
                  seed: int = 0, epoch: int = 0, skip_batches: int = 0, split: str = "validation",
                  augment: bool = True, process_index: int | None = None,
                  process_count: int | None = None, image_size: int = 224,
-                 resize_size: int = 256, mean: Sequence[float] = image_folder.IMAGENET_MEAN,
-                 std: Sequence[float] = image_folder.IMAGENET_STD,
+                 resize_size: int = 256, mean: Sequence[float] = split_lists.IMAGENET_MEAN,
+                 std: Sequence[float] = split_lists.IMAGENET_STD,
                  shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
                  prefetch: int = 2):
   """Difficulty-Net's meta batches of one epoch, drawn from the (balanced) validation split.
@@ -189,13 +189,13 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
   batches `skip_batches`.. are returned (a resumed run skips those it had used;
   they are read, not decoded). The TFRecords are read sequentially, so this is
   a shuffled stream rather than the independent per-step draws that
-  `image_folder` lists allow. An example's crop and flip (`augment`: the
+  `split_lists` lists allow. An example's crop and flip (`augment`: the
   training transform, else the evaluation one) are seeded by (seed, epoch, its
   TFDS id, its position in the stream).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  tf = image_folder._tf()  # pylint: disable=protected-access
+  tf = split_lists._tf()  # pylint: disable=protected-access
   data_dir = os.fspath(data_dir)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -217,7 +217,7 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
     example_seed = tf.strings.to_hash_bucket_fast(example["tfds_id"], 2**31 - 1)
     seeds = tf.random.experimental.stateless_fold_in(
         tf.stack([tf.constant(base_seed, tf.int64), example_seed]), position)
-    return {"image": image_folder.preprocess(
+    return {"image": split_lists.preprocess(
                 example["image"], seeds, train=augment, image_size=image_size,
                 resize_size=resize_size, mean=mean, std=std),
             "label": tf.cast(example["label"], tf.int32)}
@@ -253,7 +253,7 @@ def class_counts(data_dir: str | os.PathLike | None = None, *, split: str = "tra
   records, minutes for the train split: cache the result).
   """
   if split_list is not None:
-    return image_folder.read_split_list(split_list, NUM_CLASSES).class_counts()
+    return split_lists.read_split_list(split_list, NUM_CLASSES).class_counts()
   if data_dir is None:
     raise ValueError("class_counts needs data_dir (TFDS) or split_list (an OLTR list file).")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

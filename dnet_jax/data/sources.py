@@ -1,15 +1,15 @@
 """Where the images come from: digits, TFDS, CIFAR python pickles, ``.npz``.
 
 Each loader returns a ``SourceData`` (full train split in file order, test
-split, optionally a given meta split); ``load_long_tailed(cfg)`` then builds
+split, optionally a given meta split); ``load_long_tailed(source, ...)`` then builds
 the long-tailed train / balanced meta / test sets with
 ``long_tail.build_long_tailed``.
 
-Sources (``cfg.source``):
+Sources (``source``):
 
 * ``"digits"``: scikit-learn's bundled 8x8 digits (no download; the default
   for a quick run). Split per class into test / meta / train pool here.
-* ``"tfds"``: a TFDS dataset already prepared in ``cfg.data_dir``.
+* ``"tfds"``: a TFDS dataset already prepared in ``data_dir``.
 * ``"cifar_pickle"``: the original CIFAR-10/100 python pickles.
 * ``"npz"``: your own arrays in a ``.npz`` file.
 
@@ -414,53 +414,46 @@ def load_source(
   raise ValueError(f"unknown data source {source!r}; use one of {SOURCES}.")
 
 
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
-  value = getattr(cfg, key, default)
-  return default if value is None else value
+def load_long_tailed(source: str, *, imbalance_factor: float, name: str | None = None,
+                     data_dir: str | None = None, protocol: str = "public",
+                     meta_per_class: int | None = None, n_max: int | None = None,
+                     seed: int = 0, digits_test_per_class: int = 50
+                     ) -> long_tail.LongTailedData:
+  """Loads ``source`` and builds the long-tailed data set (``build_long_tailed``).
 
-
-def load_long_tailed(cfg: Any) -> long_tail.LongTailedData:
-  """Loads ``cfg.source`` and builds the long-tailed data set.
-
-  ``cfg`` has attribute access (e.g. ``ml_collections.ConfigDict``):
-
-  * ``source``: "digits" | "tfds" | "cifar_pickle" | "npz" (required).
-  * ``name``: "digits", "cifar10", "cifar100", a TFDS name or free text for
-    npz (default "digits" for the digits source; required otherwise).
-  * ``data_dir``: where the files are (not used by digits).
-  * ``imbalance_factor``: rho >= 1 (required).
-  * ``protocol``: "public" (default) or "ldam".
-  * ``meta_per_class``: meta images per class (default 10 for digits, 25
-    otherwise as on CIFAR).
-  * ``n_max``: head-class size; 0 or None = automatic, the smallest class
-    (see ``build_long_tailed``): 475 on CIFAR ("public"), 500 ("ldam").
-  * ``seed``: subsampling / digits split seed (default 0).
-  * ``digits_test_per_class``: digits test images per class (default 50).
+  Args:
+    source: "digits" | "tfds" | "cifar_pickle" | "npz".
+    imbalance_factor: rho >= 1.
+    name: "digits", "cifar10", "cifar100", a TFDS name or free text for npz
+      (default "digits" for the digits source; required otherwise).
+    data_dir: where the files are (not used by digits).
+    protocol: "public" (default) or "ldam".
+    meta_per_class: meta images per class (default 10 for digits, 25
+      otherwise as on CIFAR).
+    n_max: head-class size; None or 0 = automatic, the smallest class
+      (see ``build_long_tailed``): 475 on CIFAR ("public"), 500 ("ldam").
+    seed: subsampling / digits split seed.
+    digits_test_per_class: digits test images per class.
   """
-  source = getattr(cfg, "source", None)
-  if source is None:
-    raise ValueError(f"config needs 'source', one of {SOURCES}.")
-  name = _cfg_get(cfg, "name", "digits" if source == "digits" else None)
+  if source not in SOURCES:
+    raise ValueError(f"unknown data source {source!r}; use one of {SOURCES}.")
+  name = name or ("digits" if source == "digits" else None)
   if name is None:
-    raise ValueError(f"config needs 'name' for source={source!r}.")
-  imbalance_factor = getattr(cfg, "imbalance_factor", None)
+    raise ValueError(f"source={source!r} needs a data set name.")
   if imbalance_factor is None:
-    raise ValueError("config needs 'imbalance_factor' (rho >= 1).")
-  meta_per_class = int(_cfg_get(cfg, "meta_per_class",
-                                10 if source == "digits" else 25))
-  seed = int(_cfg_get(cfg, "seed", 0))
+    raise ValueError("load_long_tailed needs 'imbalance_factor' (rho >= 1).")
+  meta_per_class = int(meta_per_class or (10 if source == "digits" else 25))
   data = load_source(
-      source, name=name, data_dir=_cfg_get(cfg, "data_dir", None), seed=seed,
-      meta_per_class=meta_per_class,
-      digits_test_per_class=int(_cfg_get(cfg, "digits_test_per_class", 50)))
+      source, name=name, data_dir=data_dir or None, seed=int(seed),
+      meta_per_class=meta_per_class, digits_test_per_class=int(digits_test_per_class))
   return long_tail.build_long_tailed(
       data.x_train, data.y_train, data.x_test, data.y_test,
       num_classes=data.num_classes,
       imbalance_factor=float(imbalance_factor),
       meta_per_class=meta_per_class,
-      n_max=int(_cfg_get(cfg, "n_max", 0)) or None,
-      protocol=_cfg_get(cfg, "protocol", "public"),
-      seed=seed,
+      n_max=int(n_max or 0) or None,
+      protocol=protocol or "public",
+      seed=int(seed),
       name=data.name,
       x_meta=data.x_meta,
       y_meta=data.y_meta)

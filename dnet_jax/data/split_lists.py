@@ -195,9 +195,11 @@ def shard_indices(num_examples: int, batch_size: int, *, train: bool, seed: int 
                   process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """List indices this process reads in one epoch, in order, and their mask.
 
-  Train: this process's block of `epoch_permutation(seed, epoch, n)` (the same
-  permutation in every process), `n // process_count` examples, cut to whole
-  batches; the mask is all ones. Eval: this process's contiguous block of
+  Train: global batch g (of `batch_size * process_count` examples) is rows
+  [g*G, (g+1)*G) of `epoch_permutation(seed, epoch, n)` (the same permutation in
+  every process), and this process reads its `batch_size` rows [p*B, (p+1)*B) of
+  each, so the global batches do not depend on the number of processes (the
+  rule of the runner, experiments/streaming.py); the mask is all ones. Eval: this process's contiguous block of
   `range(n)`, padded (mask 0, repeating the block's first index) to
   `num_batches(...) * batch_size`. Blocks of different processes are disjoint;
   for eval their real examples cover the list exactly once.
@@ -212,10 +214,10 @@ def shard_indices(num_examples: int, batch_size: int, *, train: bool, seed: int 
       raise ValueError(
           f"{num_examples} examples over {process_count} process(es) give no full batch of "
           f"{batch_size}; lower the batch size.")
-    per_process = num_examples // process_count
-    order = epoch_permutation(seed, epoch, num_examples)
-    block = order[process_index * per_process:(process_index + 1) * per_process]
-    block = block[:steps * batch_size]
+    global_size = batch_size * process_count
+    order = epoch_permutation(seed, epoch, num_examples)[:steps * global_size]
+    rows = order.reshape(steps, global_size)
+    block = rows[:, process_index * batch_size:(process_index + 1) * batch_size].reshape(-1)
     return block.astype(np.int64), np.ones(len(block), np.float32)
   block = np.asarray(process_shard(num_examples, process_index, process_count), np.int64)
   size = steps * batch_size

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dnet_jax.data import image_folder
+from dnet_jax.data import split_lists
 
 # The pipeline runs on tf.data (the optional "tf" extra); list parsing does not need it.
 needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
@@ -57,25 +57,25 @@ def dataset(tmp_path_factory):
 def _collect(split, root, **kwargs):
   kwargs = dict(batch_size=4, image_size=IMAGE_SIZE, resize_size=18, mean=(0.0, 0.0, 0.0),
                 std=(1.0, 1.0, 1.0), process_index=0, process_count=1) | kwargs
-  out = list(image_folder.batches(split, root, **kwargs))
+  out = list(split_lists.batches(split, root, **kwargs))
   return {k: np.concatenate([b[k] for b in out]) for k in out[0]}, len(out)
 
 
 def test_reads_list_and_counts_classes(dataset):
   root, list_path = dataset
-  split = image_folder.read_split_list(list_path, NUM_CLASSES, image_root=root)
+  split = split_lists.read_split_list(list_path, NUM_CLASSES, image_root=root)
   assert len(split) == len(LABELS)
   np.testing.assert_array_equal(split.labels, LABELS)
   assert split.labels.dtype == np.int32
   np.testing.assert_array_equal(split.class_counts(), [10, 6, 4])
-  np.testing.assert_array_equal(image_folder.class_counts(split, 4), [10, 6, 4, 0])
-  assert image_folder.read_split_list(list_path).num_classes == 3  # inferred
+  np.testing.assert_array_equal(split_lists.class_counts(split, 4), [10, 6, 4, 0])
+  assert split_lists.read_split_list(list_path).num_classes == 3  # inferred
 
 
 @needs_tf
 def test_eval_pipeline_labels_pixels_and_determinism(dataset):
   root, list_path = dataset
-  split = image_folder.read_split_list(list_path, NUM_CLASSES, image_root=root)
+  split = split_lists.read_split_list(list_path, NUM_CLASSES, image_root=root)
   first, n_batches = _collect(split, root, train=False)
   assert n_batches == 5  # 20 examples in batches of 4
   assert first["image"].shape == (20, IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -93,19 +93,19 @@ def test_eval_pipeline_labels_pixels_and_determinism(dataset):
 @needs_tf
 def test_normalisation_uses_mean_and_std(dataset):
   root, list_path = dataset
-  split = image_folder.read_split_list(list_path, NUM_CLASSES)
+  split = split_lists.read_split_list(list_path, NUM_CLASSES)
   raw, _ = _collect(split, root, train=False)
-  normalised, _ = _collect(split, root, train=False, mean=image_folder.IMAGENET_MEAN,
-                           std=image_folder.IMAGENET_STD)
-  expected = (raw["image"] - np.array(image_folder.IMAGENET_MEAN)) / np.array(
-      image_folder.IMAGENET_STD)
+  normalised, _ = _collect(split, root, train=False, mean=split_lists.IMAGENET_MEAN,
+                           std=split_lists.IMAGENET_STD)
+  expected = (raw["image"] - np.array(split_lists.IMAGENET_MEAN)) / np.array(
+      split_lists.IMAGENET_STD)
   np.testing.assert_allclose(normalised["image"], expected, atol=1e-5)
 
 
 @needs_tf
 def test_eval_shards_cover_the_list_once_with_padding(dataset):
   root, list_path = dataset
-  split = image_folder.read_split_list(list_path, NUM_CLASSES)
+  split = split_lists.read_split_list(list_path, NUM_CLASSES)
   seen = []
   for process in range(2):
     out, n_batches = _collect(split, root, train=False, batch_size=3, process_index=process,
@@ -123,7 +123,7 @@ def test_eval_shards_cover_the_list_once_with_padding(dataset):
 @needs_tf
 def test_train_shards_are_disjoint_deterministic_and_reshuffled(dataset):
   root, list_path = dataset
-  split = image_folder.read_split_list(list_path, NUM_CLASSES)
+  split = split_lists.read_split_list(list_path, NUM_CLASSES)
   kwargs = dict(train=True, batch_size=2, seed=7, process_count=2)
   shards = []
   for process in range(2):
@@ -152,7 +152,7 @@ def test_random_crops_differ_between_epochs(dataset):
   Image.fromarray(image).save(root / rel, quality=95)
   list_path = root / "two_colour.txt"
   list_path.write_text(f"{rel} 0\n" * 4)
-  split = image_folder.read_split_list(list_path, 1, image_root=root)
+  split = split_lists.read_split_list(list_path, 1, image_root=root)
   crops = [_collect(split, root, train=True, batch_size=4, epoch=e)[0]["image"]
            for e in range(2)]
   assert not np.allclose(crops[0], crops[1])
@@ -162,12 +162,12 @@ def test_random_crops_differ_between_epochs(dataset):
 
 def test_shard_indices_partition_for_uneven_sizes():
   for n in (21, 22, 23):
-    train = [image_folder.shard_indices(n, 2, train=True, seed=1, epoch=3, process_index=p,
+    train = [split_lists.shard_indices(n, 2, train=True, seed=1, epoch=3, process_index=p,
                                         process_count=3)[0] for p in range(3)]
     assert len({len(t) for t in train}) == 1  # same number of steps everywhere
     flat = np.concatenate(train)
     assert len(np.unique(flat)) == len(flat)
-    evals = [image_folder.shard_indices(n, 4, train=False, process_index=p, process_count=3)
+    evals = [split_lists.shard_indices(n, 4, train=False, process_index=p, process_count=3)
              for p in range(3)]
     assert len({len(i) for i, _ in evals}) == 1
     real = np.concatenate([i[m == 1] for i, m in evals])
@@ -186,19 +186,19 @@ def test_malformed_line_names_file_and_line(dataset, tmp_path):
   path = _write(tmp_path, good + "\n" + "train/class_0/part1/img_001.jpg\n")
   with pytest.raises(ValueError, match=r"bad_list\.txt, line 3: expected 'relative/path\.jpg "
                      r"label'"):
-    image_folder.read_split_list(path, NUM_CLASSES)
+    split_lists.read_split_list(path, NUM_CLASSES)
   path = _write(tmp_path, good + "train/class_0/part1/img_001.jpg one\n")
   with pytest.raises(ValueError, match=r"bad_list\.txt, line 2: expected"):
-    image_folder.read_split_list(path, NUM_CLASSES)
+    split_lists.read_split_list(path, NUM_CLASSES)
 
 
 def test_label_out_of_range_names_line(dataset, tmp_path):
   path = _write(tmp_path, "a.jpg 0\nb.jpg 1\nc.jpg 3\n")
   with pytest.raises(ValueError, match=r"bad_list\.txt, line 3: label 3 is outside \[0, 3\)"):
-    image_folder.read_split_list(path, NUM_CLASSES)
+    split_lists.read_split_list(path, NUM_CLASSES)
   path = _write(tmp_path, "a.jpg -1\n")
   with pytest.raises(ValueError, match=r"line 1: label -1 is outside"):
-    image_folder.read_split_list(path)
+    split_lists.read_split_list(path)
 
 
 def test_missing_image_names_line(dataset, tmp_path):
@@ -209,16 +209,16 @@ def test_missing_image_names_line(dataset, tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=r"bad_list\.txt, line 2: image 'train/class_0/part1/img_999\.jpg' "
                      r"does not exist under .*\(2 images missing in all\)"):
-    image_folder.read_split_list(path, NUM_CLASSES, image_root=root)
+    split_lists.read_split_list(path, NUM_CLASSES, image_root=root)
   with pytest.raises(FileNotFoundError, match=r"Split list .*nothing\.txt' does not exist"):
-    image_folder.read_split_list(tmp_path / "nothing.txt")
+    split_lists.read_split_list(tmp_path / "nothing.txt")
 
 
-# --- ImageNet-LT through TFDS (shares image_folder's transforms) ------------------------------
+# --- ImageNet-LT through TFDS (shares split_lists's transforms) ------------------------------
 # tfds.testing.mock_data supports imagenet_lt: it generates random PNG images and labels from
 # the builder's feature spec without the (manually downloaded) data. It ignores sub-splits
 # (every split and per-process sub-split has `num_examples` examples), so the multi-process
-# padding arithmetic is tested above on image_folder, and here with one process.
+# padding arithmetic is tested above on split_lists, and here with one process.
 
 
 @needs_tf
@@ -258,7 +258,7 @@ def test_imagenet_lt_mock_batches(tmp_path):
 
 
 def test_importing_the_package_does_not_import_tensorflow():
-  code = ("import sys, dnet_jax, dnet_jax.data, dnet_jax.data.image_folder, "
+  code = ("import sys, dnet_jax, dnet_jax.data, dnet_jax.data.split_lists, "
           "dnet_jax.data.imagenet_lt, dnet_jax.distributed, dnet_jax.models.pretrained; "
           "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
           "assert not bad, bad")

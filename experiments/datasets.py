@@ -1,0 +1,202 @@
+"""The `Dataset` the training loop reads: in memory (`InMemoryDataset`) or streamed split lists.
+
+Both implementations (this module and `experiments/streaming.py`) give:
+
+  name, num_classes, class_counts [C], image_shape, num_train, num_meta, num_test
+  steps_per_epoch                 full global batches per epoch
+  shot_groups(many, few)          many/medium/few masks from the training counts
+  summary()                       one line for the log
+  info(many, few)                 the "data" block of results.json
+  preprocessors                   (train, meta, eval) on-device `fn(rng, images) -> float32`
+  train_batches(start, end, with_meta=, sampler=)
+                                  yields (step, train batch, meta batch or None), this
+                                  process's part of each global batch
+  eval_batches(split)             "meta" (validation) or "test": this process's padded
+                                  batches {"image", "label", "mask"}, covering the split once
+
+Every batch is a pure function of (seed, epoch) or (seed, step), never of an
+iterator carried along, so a run resumed at any step reads exactly what the
+uninterrupted run read:
+  * train batch b of epoch e: rows [b*B, (b+1)*B) of `epoch_order(sampler, ...)`
+    (the last incomplete batch is dropped);
+  * meta batch of step s: `batching.meta_batch_indices(seed, s, n_meta, B_meta)`.
+`load(config, batch_size=...)` checks the config against the data and raises
+`InvalidInputError` naming the setting to change.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Iterator
+
+import numpy as np
+
+from dnet_jax import distributed
+from dnet_jax.data import augment
+from dnet_jax.data import batching
+from dnet_jax.data import long_tail
+from dnet_jax.data import sources
+from experiments import validation
+from experiments.errors import InvalidInputError
+
+SAMPLERS = ("instance", "class_balanced")
+EVAL_SPLITS = ("meta", "test")
+# Published per-channel statistics (in [0, 1] units) by data set name.
+_KNOWN_STATS = {
+    "cifar10": (augment.CIFAR10_MEAN, augment.CIFAR10_STD),
+    "cifar100": (augment.CIFAR100_MEAN, augment.CIFAR100_STD),
+}
+
+
+def epoch_order(sampler: str, labels: np.ndarray, seed: int, epoch: int, size: int) -> np.ndarray:
+  """The first `size` training indices of `epoch`: a permutation ("instance") or a
+  class-balanced draw (a class uniformly, then one of its images; cRT's sampler)."""
+  if sampler == "instance":
+    return batching.epoch_permutation(seed, epoch, len(labels))[:size]
+  if sampler == "class_balanced":
+    return batching.class_balanced_indices(labels, size, seed, epoch)
+  raise InvalidInputError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+
+
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+  """Full batches per epoch (the last incomplete one is dropped)."""
+  if batch_size > num_train:
+    raise InvalidInputError(
+        f"batch_size {batch_size} is larger than the {num_train} training images, so an "
+        "epoch would have no full batch; lower batch_size.")
+  return num_train // batch_size
+
+
+def normalization_stats(data: long_tail.LongTailedData):
+  """Per-channel (mean, std): the published values for CIFAR, else from the train set."""
+  if data.name in _KNOWN_STATS:
+    mean, std = _KNOWN_STATS[data.name]
+  else:
+    mean, std = augment.channel_mean_std(data.x_train)
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def make_preprocessors(config, data: long_tail.LongTailedData):
+  """(train, meta, eval) `fn(rng, uint8 images) -> float32`, run on the device."""
+  mean, std = normalization_stats(data)
+  train = augment.make_preprocess(mean, std, augment=bool(config.augment),
+                                  cutout_size=int(config.cutout_size))
+  meta = augment.make_preprocess(mean, std, augment=bool(config.augment and config.augment_meta),
+                                 cutout_size=int(config.cutout_size) if config.augment_meta else 0)
+  return train, meta, augment.make_preprocess(mean, std, augment=False)
+
+
+def data_info(dataset, many_threshold: int, few_threshold: int) -> dict:
+  """The "data" block of results.json (the same for every kind of dataset)."""
+  groups = dataset.shot_groups(many_threshold, few_threshold)
+  return {"name": dataset.name, "num_classes": dataset.num_classes,
+          "class_counts": [int(c) for c in dataset.class_counts],
+          "num_train": dataset.num_train, "num_meta": dataset.num_meta,
+          "num_test": dataset.num_test,
+          "shot_groups": {k: np.flatnonzero(v).tolist() for k, v in groups.items()},
+          "many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
+
+
+class InMemoryDataset:
+  """A `LongTailedData` (uint8 arrays on the host) read in global batches, cut per process."""
+
+  def __init__(self, data: long_tail.LongTailedData, *, batch_size: int, meta_batch_size: int,
+               eval_batch_size: int, seed: int, preprocessors):
+    self.data = data
+    self.name, self.num_classes = data.name, data.num_classes
+    self.class_counts = np.asarray(data.class_counts)
+    self.image_shape = tuple(data.x_train.shape[1:])
+    self.num_train, self.num_meta, self.num_test = (len(data.y_train), len(data.y_meta),
+                                                    len(data.y_test))
+    self.batch_size, self.meta_batch_size = batch_size, meta_batch_size
+    self.eval_batch_size, self.seed = eval_batch_size, seed
+    self.steps_per_epoch = steps_per_epoch(self.num_train, batch_size)
+    self.preprocessors = preprocessors
+
+  def shot_groups(self, many_threshold: int = 100, few_threshold: int = 20):
+    return long_tail.shot_groups(self.class_counts, many_threshold, few_threshold)
+
+  def summary(self) -> str:
+    return self.data.summary()
+
+  def info(self, many_threshold: int, few_threshold: int) -> dict:
+    return data_info(self, many_threshold, few_threshold)
+
+  def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
+                    sampler: str = "instance") -> Iterator[tuple[int, dict, dict | None]]:
+    d, size = self.data, self.steps_per_epoch * self.batch_size
+    order, order_epoch = None, None
+    for step in range(start_step, end_step):
+      epoch, index = divmod(step, self.steps_per_epoch)
+      if epoch != order_epoch:
+        order, order_epoch = epoch_order(sampler, d.y_train, self.seed, epoch, size), epoch
+      idx = order[index * self.batch_size:(index + 1) * self.batch_size]
+      batch = {"image": d.x_train[idx], "label": d.y_train[idx]}
+      meta = None
+      if with_meta:
+        midx = batching.meta_batch_indices(self.seed, step, self.num_meta, self.meta_batch_size)
+        meta = distributed.global_batch_to_local({"image": d.x_meta[midx],
+                                                  "label": d.y_meta[midx]})
+      yield step, distributed.global_batch_to_local(batch), meta
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    if split not in EVAL_SPLITS:
+      raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}.")
+    x, y = (self.data.x_meta, self.data.y_meta) if split == "meta" else (self.data.x_test,
+                                                                         self.data.y_test)
+    for xb, yb, mask in batching.padded_batches(x, y, self.eval_batch_size):
+      yield distributed.global_batch_to_local(
+          {"image": xb, "label": yb.astype(np.int32), "mask": mask})
+
+
+def _load_arrays(config) -> long_tail.LongTailedData:
+  """`sources.load_long_tailed` with the config's fields; errors name the data set."""
+  d = config.data
+  where = f" in {d.data_dir!r}" if d.get("data_dir") else ""
+  try:
+    return sources.load_long_tailed(
+        d.source, name=d.get("name"), data_dir=d.get("data_dir") or None,
+        imbalance_factor=d.get("imbalance_factor"), meta_per_class=d.get("meta_per_class"),
+        seed=int(d.get("seed", 0)), n_max=int(d.get("n_max", 0) or 0) or None,
+        protocol=d.get("protocol", "public"),
+        digits_test_per_class=int(d.get("digits_test_per_class", 50)))
+  except (ValueError, OSError, pickle.UnpicklingError) as e:
+    raise InvalidInputError(f"Data set {d.name!r} (source {d.source!r}{where}): {e}") from e
+
+
+def check_arrays(data: long_tail.LongTailedData, config, *, batch_size: int,
+                 meta_batch_size: int | None) -> None:
+  """What the loaded arrays must satisfy for this config; raises InvalidInputError."""
+  for name in ("train", "meta", "test"):
+    validation.check_images(getattr(data, f"x_{name}"), config.model, f"{name} images")
+  if len(data.y_test) == 0:
+    raise InvalidInputError("The test set is empty; the run would have nothing to report.")
+  steps_per_epoch(len(data.y_train), batch_size)
+  try:
+    data.shot_groups(int(config.many_threshold), int(config.few_threshold))
+  except ValueError as e:
+    raise InvalidInputError(str(e)) from e
+  if meta_batch_size and meta_batch_size > len(data.y_meta):
+    raise InvalidInputError(
+        f"meta_batch_size={meta_batch_size} exceeds the meta set ({len(data.y_meta)} "
+        "images); lower it or raise data.meta_per_class.")
+
+
+def load(config, *, batch_size: int | None = None, with_meta: bool | None = None):
+  """The dataset `config.data` describes, read in global batches of `batch_size`
+  (default `config.batch_size`); meta batches of `config.meta_batch_size` if `with_meta`
+  (default: the config's method uses them)."""
+  from experiments import methods  # pylint: disable=g-import-not-at-top
+  from experiments import streaming  # pylint: disable=g-import-not-at-top
+
+  batch_size = int(config.batch_size) if batch_size is None else int(batch_size)
+  if with_meta is None:
+    with_meta = config.method in methods.DNET_METHODS
+  meta_batch_size = int(config.meta_batch_size) if with_meta else 0
+  if streaming.is_streaming(config):
+    return streaming.load(config, batch_size=batch_size, with_meta=with_meta)
+  data = _load_arrays(config)
+  check_arrays(data, config, batch_size=batch_size, meta_batch_size=meta_batch_size)
+  return InMemoryDataset(data, batch_size=batch_size, meta_batch_size=meta_batch_size,
+                         eval_batch_size=int(config.eval_batch_size), seed=int(config.seed),
+                         preprocessors=make_preprocessors(config, data))
