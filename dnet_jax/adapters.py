@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from dnet_jax.classifier import Classifier
 
@@ -34,6 +35,11 @@ def _fresh(tree):
   return jax.tree.map(lambda x: x, tree)
 
 
+def _copy(tree):
+  """Fresh buffers: a donated train state must not delete the user's module's own arrays."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def _nnx_rng_streams(module) -> tuple[str, ...]:
   from flax import nnx
   tags = {node.tag for _, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)}
@@ -49,6 +55,8 @@ def nnx_classifier(module, *, name: str | None = None) -> Classifier:
   BatchNorm with batch statistics), evaluation `module.eval()`. `rng` reseeds
   every rng stream of the module (stream k gets fold_in(rng, k)), so dropout
   masks come from the step's key; the streams' own keys are never advanced.
+  `init` returns copies of the module's arrays (a donated train state must not
+  delete the module's own).
   """
   from flax import nnx
   graphdef, params, rng_state, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
@@ -77,7 +85,7 @@ def nnx_classifier(module, *, name: str | None = None) -> Classifier:
 
   def init(rng, sample_images):
     del rng, sample_images  # an NNX module is created with its weights
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    return _copy(nnx.to_pure_dict(params)), _copy(nnx.to_pure_dict(rest))
 
   return Classifier(apply=apply, init=init, name=name)
 
@@ -91,7 +99,8 @@ def equinox_classifier(model, state=None, *, call: Callable | None = None,
   without; it is `jax.vmap`-ed over the batch with `axis_name` (the name its
   `eqx.nn.BatchNorm(axis_name=...)` must use). Give `call(model, images, state,
   key) -> (logits, state)` for any other convention (state None without one).
-  Training mode is `eqx.nn.inference_mode(model, False)`. The state is copied
+  `init` returns copies of the module's arrays (a donated train state must not
+  delete the module's own). Training mode is `eqx.nn.inference_mode(model, False)`. The state is copied
   before every pass, as Equinox requires a state to be used once; evaluation
   returns the state it was given.
   """
@@ -125,6 +134,6 @@ def equinox_classifier(model, state=None, *, call: Callable | None = None,
 
   def init(rng, sample_images):
     del rng, sample_images  # an Equinox module is created with its weights
-    return params, state if stateful else ()
+    return _copy(params), _copy(state) if stateful else ()
 
   return Classifier(apply=apply, init=init, name=name)

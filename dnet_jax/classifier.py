@@ -224,8 +224,8 @@ def function_classifier(fn: Callable, *, params: Any = None, model_state: Any = 
       init_fn = None
     else:
       def init_fn(rng, sample_images):
-        del rng, sample_images
-        return params, model_state
+        del rng, sample_images  # copies: a donated train state must not delete the caller's arrays
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), (params, model_state))
   else:
     init_fn = init
   return Classifier(apply=apply, init=init_fn, name=name)
