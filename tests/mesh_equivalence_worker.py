@@ -4,6 +4,7 @@
    one device and equals pmap with synchronised BatchNorm (float64, two steps).
 2. The README's pmap and mesh recipes run as written, accuracy refresh included.
 3. The chex.variants step test of test_model_errors.py, whose pmap variant needs devices.
+4. An Equinox model with BatchNorm state: the mesh step equals one device; pmap runs.
 Prints one line "RESULTS {json}".
 """
 
@@ -69,6 +70,32 @@ def equivalence(mode: str) -> dict:
   }
 
 
+def equinox_devices() -> dict:
+  """An Equinox model with BatchNorm and state: mesh equals one device; pmap runs."""
+  import equinox as eqx
+  from model_kinds import IN, EqxMLP
+  module, eqx_state = eqx.nn.make_with_state(EqxMLP)(3, jax.random.key(1))
+  model = dj.equinox_classifier(module, eqx_state)
+  dnet = dj.DifficultyNet(3, hidden=(4,), param_dtype=jnp.float64)
+  tx, dnet_tx = optax.sgd(0.1, momentum=0.9), optax.sgd(1.0)
+  state = dj.create_train_state(jax.random.key(0), model, tx, jnp.zeros((2, IN)), 3, dnet=dnet,
+                                dnet_tx=dnet_tx, class_accuracy=jnp.asarray([0.2, 0.5, 0.8]))
+  batch = random_batch(3, 16, 3, shape=(IN,), dtype=np.float64)
+  meta_batch = random_batch(4, 8, 3, shape=(IN,), dtype=np.float64, balanced=True)
+  kwargs = dict(model=model, dnet=dnet, tx=tx, dnet_tx=dnet_tx, learning_rate=0.1)
+  mesh = dj.data_mesh()
+  single, _ = dj.jit_train_step(donate=False, **kwargs)(state, batch, meta_batch)
+  sharded, _ = dj.sharded_train_step(mesh, donate=False, **kwargs)(
+      dj.replicate_on_mesh(state, mesh), dj.shard_global_batch(batch, mesh),
+      dj.shard_global_batch(meta_batch, mesh))
+  pmapped, metrics = dj.pmap_train_step(**kwargs)(
+      dj.replicate(state), dj.shard_batch(batch), dj.shard_batch(meta_batch))
+  return {"mesh_vs_single": max_rel_diff((sharded.params, sharded.dnet_params),
+                                         (single.params, single.dnet_params)),
+          "pmap_finite": bool(np.isfinite(np.asarray(metrics["meta_ce"])).all()),
+          "pmap_accuracy_shape": list(pmapped.class_accuracy.shape)}
+
+
 def readme_block(heading: str) -> str:
   text = open(os.path.join(HERE, "..", "README.md")).read()
   section = text.split(heading + "\n", 1)[1].split("\n#", 1)[0]
@@ -127,4 +154,5 @@ if __name__ == "__main__":
   results["readme_pmap"] = readme_recipe("### Several devices: pmap")
   results["readme_mesh"] = readme_recipe("### Several devices or hosts: `jax.jit` over a mesh")
   results["chex_variants"] = chex_variants()
+  results["equinox"] = equinox_devices()
   print("RESULTS " + json.dumps(results))

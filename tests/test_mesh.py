@@ -50,6 +50,12 @@ def test_chex_variants_pmap_ran(results):
   assert r == {"run": 3, "failures": 0, "skipped": 0}, r
 
 
+def test_equinox_on_devices(results):
+  r = results["equinox"]
+  assert r["mesh_vs_single"] < 1e-12, r
+  assert r["pmap_finite"] and r["pmap_accuracy_shape"] == [8, 3]
+
+
 def test_pad_batch_masks_padding():
   batch = {"image": np.arange(5 * 2, dtype=np.float32).reshape(5, 2), "label": np.arange(5)}
   padded = dj.pad_batch(batch, 4)
