@@ -3,8 +3,10 @@
 Each step is a pure function `(state, batch, ...) -> (state, metrics)` of plain
 pytrees; the networks, optimizers and losses are keyword arguments that the
 caller binds once (e.g. with `functools.partial`) before `jax.jit` or
-`jax.pmap`. Batches are dicts with "image" [B, ...] and "label" [B] (int32),
-and for evaluation optionally "mask" [B] (1 = real example, 0 = padding).
+`jax.pmap`. The model is reached only through `dnet_jax.classifier`'s protocol
+(linen, NNX, Equinox, a plain function). Batches are dicts with "image" [B, ...]
+and "label" [B] (int32), or (images, labels) pairs; evaluation and meta batches
+may carry "mask" [B] (1 = real example, 0 = padding, see `parallel.pad_batch`).
 """
 
 from __future__ import annotations

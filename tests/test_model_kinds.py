@@ -153,12 +153,13 @@ def test_bf16_model_gets_float32_losses_and_metrics():
                                  learning_rate=LR)(state, batch, meta_batch)
   for name in ("train_loss", "ce", "meta_ce", "batch_accuracy", "weight_min", "driver_loss"):
     assert metrics[name].dtype == jnp.float32, (name, metrics[name].dtype)
-  result = dj.meta_gradients(
+  result = jax.jit(lambda phi, inputs: dj.meta_gradients(
       lambda p, b: dj.cross_entropy(model.apply({"params": p, "batch_stats": state.batch_stats},
                                                 b["image"], train=False), b["label"]),
       lambda p, m: jnp.mean(dj.cross_entropy(
           model.apply({"params": p, "batch_stats": state.batch_stats}, m["image"]), m["label"])),
-      dnet, state.dnet_params,
-      dj.MetaInputs(params=state.params, batch_stats=None, class_accuracy=state.class_accuracy,
-                    batch=batch, meta_batch=meta_batch, learning_rate=jnp.float32(LR)))
+      dnet, phi, inputs))(
+          state.dnet_params,
+          dj.MetaInputs(params=state.params, batch_stats=None, class_accuracy=state.class_accuracy,
+                        batch=batch, meta_batch=meta_batch, learning_rate=jnp.float32(LR)))
   assert result.train_loss.dtype == jnp.float32 and result.metrics["meta_ce"].dtype == jnp.float32
