@@ -42,10 +42,22 @@ def balanced_softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
 def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 1.0) -> jax.Array:
   """Focal loss (Lin et al., ICCV 2017): FL_i = -(1 - p_{i,y_i})^gamma log p_{i,y_i}.
 
-  gamma = 0 is plain cross-entropy.
+  gamma = 0 is plain cross-entropy (values and gradients). The modulating factor
+  is computed in log space, (1 - p_y)^gamma = exp(gamma log(1 - p_y)) with
+  log(1 - p_y) = logsumexp_{j != y} log_softmax(z)_j, which stays accurate (and
+  its gradient finite) when p_y rounds to 1: the naive (1 - p)^gamma has an
+  infinite derivative at 1 - p = 0 for gamma < 1, which made the gradient NaN
+  (e.g. logits [17, 0, 0] in float32). A gamma < 0 raises a ValueError.
   """
-  log_p = -cross_entropy(logits, labels)
-  return -jnp.power(-jnp.expm1(log_p), gamma) * log_p
+  if isinstance(gamma, (int, float)) and gamma < 0:
+    raise ValueError(f"focal_loss: gamma must be >= 0 (gamma = 0 is cross-entropy), got {gamma}.")
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  log_p = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  if isinstance(gamma, (int, float)) and gamma == 0:
+    return -log_p
+  is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  log_one_minus_p = jax.nn.logsumexp(jnp.where(is_label, -jnp.inf, log_probs), axis=-1)
+  return -jnp.exp(gamma * log_one_minus_p) * log_p
 
 
 def weighted_mean(per_example: jax.Array, class_weights: jax.Array, labels: jax.Array,

@@ -39,13 +39,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from dnet_jax import difficulty as dmath
 from dnet_jax import losses
-from dnet_jax.apply import apply_classifier
+from dnet_jax.classifier import as_classifier, checked_logits
 
 META_GRAD_MODES = ("nested", "jvp", "driver_only")
 
@@ -55,9 +56,20 @@ def pmean_if(tree, axis_name: str | None):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def pmean_floating(tree, axis_name: str | None):
+  """`pmean_if` of the floating-point leaves only (a model state may hold integer counters)."""
+  if axis_name is None:
+    return tree
+  return jax.tree.map(
+      lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def split_step_rng(rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
   """(train_rng, meta_rng): the train key drives the lookahead and the real update alike,
-  so both see the same dropout masks; the meta forward pass gets its own key."""
+  so both see the same dropout masks; the meta forward pass gets its own key.
+  Without a key (a model that draws no random numbers) both are None."""
+  if rng is None:
+    return None, None
   train_rng, meta_rng = jax.random.split(rng)
   return train_rng, meta_rng
 
@@ -67,30 +79,55 @@ def lookahead_params(params, grads, learning_rate):
   return jax.tree.map(lambda p, g: (p - learning_rate * g).astype(p.dtype), params, grads)
 
 
+def difficulty_of(dnet, dnet_params, class_accuracy):
+  """d = g_phi(a) for a linen Difficulty-Net or a function `dnet(dnet_params, a)`."""
+  if isinstance(dnet, nn.Module):
+    return dnet.apply({"params": dnet_params}, class_accuracy)
+  if callable(dnet):
+    return dnet(dnet_params, class_accuracy)
+  raise TypeError(f"dnet= must be a linen module or a function (dnet_params, class_accuracy) -> "
+                  f"difficulty [C]; got {type(dnet).__name__}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MetaProblem:
   """The fixed parts of the meta-objective: which networks and losses, and how to reduce.
 
   Attributes:
-    model: the classifier f_theta (any linen module).
-    dnet: Difficulty-Net g_phi.
+    model: the classifier f_theta: any model `dnet_jax.classifier.as_classifier`
+      accepts (linen, NNX, Equinox, a `Classifier`).
+    dnet: Difficulty-Net g_phi, a linen module or a function
+      `dnet(dnet_params, class_accuracy) -> difficulty [C]`.
     loss_fn: per-example training loss l_i, `loss_fn(logits, labels) -> [B]`
       (cross-entropy, or Balanced Softmax for Difficulty-Net + BS).
     driver_weight: lambda (0.3 in the paper).
     axis_name: pmap axis to average over, or None on one device.
     remat: wrap every classifier pass in `jax.checkpoint`, so only its inputs
       are kept for the backward passes (less memory, more compute).
+    num_classes: C, to check the model's logits against (None: not checked).
+
+  The classifier's logits are cast to (at least) float32 before any loss, so
+  losses, weights and the meta-gradient are float32 whatever the model computes in.
   """
-  model: nn.Module
-  dnet: nn.Module | None
+  model: Any
+  dnet: Any
   loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = losses.cross_entropy
   driver_weight: float = 0.3
   axis_name: str | None = None
   remat: bool = False
+  num_classes: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "classifier", as_classifier(self.model))
+
+  def logits(self, params, model_state, images, *, train: bool, rng):
+    """(float32-or-wider logits [B, C], new model state) of the classifier."""
+    logits, new_state = self.classifier.apply(params, model_state, images, train=train, rng=rng)
+    return checked_logits(logits, images.shape[0], self.num_classes, self.classifier.name), new_state
 
   def difficulty(self, dnet_params, class_accuracy):
     """d = g_phi(a)."""
-    return self.dnet.apply({"params": dnet_params}, class_accuracy)
+    return difficulty_of(self.dnet, dnet_params, class_accuracy)
 
   def class_weights(self, dnet_params, class_accuracy):
     """w = C d / sum d."""
@@ -102,8 +139,7 @@ class MetaProblem:
   def per_example_loss(self, params, batch_stats, batch, rng):
     """(l(theta) [B], (logits, new batch_stats)), BatchNorm in training mode."""
     def fn(params):
-      logits, new_stats = apply_classifier(self.model, params, batch_stats, batch["image"],
-                                           train=True, rng=rng)
+      logits, new_stats = self.logits(params, batch_stats, batch["image"], train=True, rng=rng)
       return self.loss_fn(logits, batch["label"]), (logits, new_stats)
     return self._maybe_remat(fn)(params)
 
@@ -113,24 +149,61 @@ class MetaProblem:
     return losses.weighted_mean(per_example, class_weights, batch["label"]), aux
 
   def meta_cross_entropy(self, params, batch_stats, meta_batch, rng):
-    """Plain mean cross-entropy on the (balanced) meta batch, BatchNorm in training mode."""
+    """Mean cross-entropy on the (balanced) meta batch, BatchNorm in training mode.
+
+    With meta_batch["mask"] (padding = 0, see `dnet_jax.parallel.pad_batch`) it is
+    the mean over the real examples of the whole (global) meta batch.
+    """
     def fn(params):
-      logits, _ = apply_classifier(self.model, params, batch_stats, meta_batch["image"],
-                                   train=True, rng=rng)
-      return jnp.mean(losses.cross_entropy(logits, meta_batch["label"]))
+      logits, _ = self.logits(params, batch_stats, meta_batch["image"], train=True, rng=rng)
+      per_example = losses.cross_entropy(logits, meta_batch["label"])
+      return masked_mean(per_example, meta_batch.get("mask"), self.axis_name)
     return self._maybe_remat(fn)(params)
 
 
-@dataclasses.dataclass(frozen=True)
+def masked_mean(values: jax.Array, mask: jax.Array | None, axis_name: str | None) -> jax.Array:
+  """Mean of `values` over the unmasked examples of the global batch.
+
+  Per device it is n * sum_local(mask * v) / sum_global(mask), so that the
+  `pmean` the steps apply over n devices gives sum_global(mask * v) / sum_global(mask).
+  """
+  if mask is None:
+    return jnp.mean(values)
+  mask = mask.astype(values.dtype)
+  count = jnp.sum(mask)
+  devices = 1.0
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+    devices = jax.lax.psum(1.0, axis_name)
+  return devices * jnp.sum(mask * values) / jnp.maximum(count, 1.0)
+
+
+@flax.struct.dataclass
 class MetaInputs:
-  """The per-step data of the meta-objective (all arrays)."""
+  """The per-step data of the meta-objective: a pytree of arrays.
+
+  Attributes:
+    params: classifier parameters theta.
+    batch_stats: the model state (any pytree; {} or () if none).
+    class_accuracy: a [C].
+    batch: train batch {"image", "label"[, ...]} (any pytree with `labels` given).
+    meta_batch: meta batch {"image", "label"[, "mask"]}.
+    learning_rate: alpha of the lookahead.
+    rng: the step's key, or None for a model that draws no random numbers.
+    labels: y [B] when `batch` is not a dict with "label".
+  """
   params: Any
   batch_stats: Any
   class_accuracy: jax.Array
-  batch: dict
-  meta_batch: dict
+  batch: Any
+  meta_batch: Any
   learning_rate: jax.Array
-  rng: jax.Array
+  rng: Any = None
+  labels: Any = None
+
+  @property
+  def train_labels(self) -> jax.Array:
+    return self.batch["label"] if self.labels is None else self.labels
 
 
 class TrainForward(NamedTuple):
@@ -172,7 +245,8 @@ def meta_objective(problem: MetaProblem, dnet_params, inputs: MetaInputs):
   weights = dmath.class_weights_from_difficulty(difficulty)
 
   def train_loss(params):
-    value, _ = problem.train_loss(params, weights, inputs.batch_stats, inputs.batch, train_rng)
+    per_example, _ = problem.per_example_loss(params, inputs.batch_stats, inputs.batch, train_rng)
+    value = losses.weighted_mean(per_example, weights, inputs.train_labels)
     return value, value
 
   grads, train_loss_value = jax.grad(train_loss, has_aux=True)(inputs.params)
@@ -202,7 +276,7 @@ def nested_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
   train_rng, meta_rng = split_step_rng(inputs.rng)
   if forward is None:
     forward = train_forward(problem, inputs.params, inputs.batch_stats, inputs.batch, train_rng)
-  labels = inputs.batch["label"]
+  labels = inputs.train_labels
 
   def objective(phi):
     difficulty = problem.difficulty(phi, inputs.class_accuracy)
@@ -231,7 +305,7 @@ def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
   with it, J v is the transpose of the shared forward's VJP (no new forward pass).
   """
   train_rng, meta_rng = split_step_rng(inputs.rng)
-  labels = inputs.batch["label"]
+  labels = inputs.train_labels
   batch_size = labels.shape[0]
   num_classes = inputs.class_accuracy.shape[-1]
 

@@ -8,9 +8,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
 
-from dnet_jax.apply import apply_classifier, init_classifier
+from dnet_jax.classifier import as_classifier
 
 
 @flax.struct.dataclass
@@ -19,8 +18,11 @@ class TrainState:
 
   Attributes:
     step: number of classifier updates done so far (int32 scalar).
-    params: classifier parameters.
-    batch_stats: classifier BatchNorm running statistics ({} if it has none).
+    params: classifier parameters (any pytree).
+    batch_stats: the classifier's model state, any pytree treated as an immutable
+      value: a linen model's BatchNorm running statistics ({} if it has none), an
+      NNX model's non-parameter variables, an Equinox `State`
+      (see `dnet_jax.classifier`). `model_state` is the same field.
     opt_state: the classifier optimizer's state (e.g. SGD momentum).
     dnet_params: Difficulty-Net parameters ({} for fixed-weight baselines).
     dnet_opt_state: the Difficulty-Net optimizer's state (() for baselines).
@@ -39,6 +41,11 @@ class TrainState:
   rng: jax.Array
 
   @property
+  def model_state(self) -> Any:
+    """The classifier's model state (the `batch_stats` field, by its general name)."""
+    return self.batch_stats
+
+  @property
   def key(self) -> jax.Array:
     """The typed PRNG key of this state."""
     return jax.random.wrap_key_data(self.rng)
@@ -54,7 +61,7 @@ def _key_data(rng: jax.Array) -> jax.Array:
   return jnp.asarray(rng, jnp.uint32)
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+def create_train_state(rng: jax.Array, model: Any, tx: optax.GradientTransformation,
                        sample_images: jax.Array, num_classes: int, *,
                        dnet: nn.Module | None = None,
                        dnet_tx: optax.GradientTransformation | None = None,
@@ -63,7 +70,8 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
 
   Args:
     rng: a PRNG key (typed `jax.random.key` or raw `PRNGKey` data).
-    model: any Flax linen classifier mapping images [B, ...] to logits [B, C].
+    model: the classifier mapping images [B, ...] to logits [B, C]: a linen, NNX or
+      Equinox module or a `dnet_jax.Classifier` (see `dnet_jax.classifier`).
     tx: the classifier's optax optimizer.
     sample_images: a batch of the input shape and dtype (only shapes are used).
     num_classes: C.
@@ -75,16 +83,26 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
     raise ValueError("create_train_state: a Difficulty-Net needs its optimizer; pass dnet_tx.")
   rng = _key_data(rng)
   model_key, dnet_key, state_key = jax.random.split(jax.random.wrap_key_data(rng), 3)
-  params, batch_stats = init_classifier(model, model_key, sample_images)
-  logits_shape = jax.eval_shape(
-      lambda p, b: apply_classifier(model, p, b, sample_images, train=False)[0],
-      params, batch_stats).shape
-  if logits_shape[-1] != num_classes:
+  classifier = as_classifier(model)
+  if classifier.init is None:
+    raise ValueError(f"create_train_state: {classifier.name} has no init function; give its "
+                     "parameters: dj.function_classifier(fn, params=..., model_state=...).")
+  params, batch_stats = classifier.init(model_key, sample_images)
+  logits = jax.eval_shape(
+      lambda p, b: classifier.apply(p, b, sample_images, train=False, rng=None)[0],
+      params, batch_stats)
+  if logits.ndim != 2 or logits.shape[-1] != num_classes:
     raise ValueError(
-        f"The classifier outputs {logits_shape[-1]} logits but num_classes={num_classes}; "
-        "build the model with num_classes equal to the data set's number of classes.")
+        f"The classifier {classifier.name} outputs {logits.shape[-1]} logits but "
+        f"num_classes={num_classes} (logits shape {tuple(logits.shape)}); build the model with "
+        "num_classes outputs per example.")
   if class_accuracy is None:
     class_accuracy = jnp.zeros((num_classes,), jnp.float32)
+  elif jnp.shape(class_accuracy) != (num_classes,):
+    raise ValueError(f"create_train_state: class_accuracy has shape {jnp.shape(class_accuracy)}, "
+                     f"expected ({num_classes},).")
+  if batch_stats is None:
+    batch_stats = {}
   if dnet is not None:
     dnet_params = dnet.init(dnet_key, class_accuracy)["params"]
     dnet_opt_state = dnet_tx.init(dnet_params)

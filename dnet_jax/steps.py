@@ -3,24 +3,27 @@
 Each step is a pure function `(state, batch, ...) -> (state, metrics)` of plain
 pytrees; the networks, optimizers and losses are keyword arguments that the
 caller binds once (e.g. with `functools.partial`) before `jax.jit` or
-`jax.pmap`. Batches are dicts with "image" [B, ...] and "label" [B] (int32),
-and for evaluation optionally "mask" [B] (1 = real example, 0 = padding).
+`jax.pmap`. The model is reached only through `dnet_jax.classifier`'s protocol
+(linen, NNX, Equinox, a plain function). Batches are dicts with "image" [B, ...]
+and "label" [B] (int32), or (images, labels) pairs; evaluation and meta batches
+may carry "mask" [B] (1 = real example, 0 = padding, see `parallel.pad_batch`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import linen as nn
 
 from dnet_jax import difficulty as dmath
 from dnet_jax import losses
-from dnet_jax.apply import apply_classifier
 from dnet_jax import meta
-from dnet_jax.meta import MetaInputs, MetaProblem, pmean_if, split_step_rng
+from dnet_jax.classifier import as_classifier, checked_logits
+from dnet_jax.meta import MetaInputs, MetaProblem, pmean_floating, pmean_if, split_step_rng
 from dnet_jax.state import TrainState
 
 LearningRate = float | Callable[[jax.Array], jax.Array]
@@ -28,6 +31,31 @@ LearningRate = float | Callable[[jax.Array], jax.Array]
 
 def _learning_rate(learning_rate: LearningRate, step: jax.Array) -> jax.Array:
   return learning_rate(step) if callable(learning_rate) else jnp.asarray(learning_rate)
+
+
+def as_batch(batch: Any, what: str = "batch") -> dict:
+  """A batch as a dict {"image", "label"[, "mask"]}; an (images, labels) pair is accepted."""
+  if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    return {"image": batch[0], "label": batch[1]}
+  if isinstance(batch, dict) and "image" in batch and "label" in batch:
+    return batch
+  raise TypeError(f"The {what} must be a dict with 'image' and 'label' (and optionally 'mask') or "
+                  f"an (images, labels) pair; got {type(batch).__name__}"
+                  f"{' with keys ' + str(sorted(batch)) if isinstance(batch, dict) else ''}.")
+
+
+def num_classes_of(state: TrainState) -> int:
+  """C from the state's accuracy vector, which must be [C] inside a step."""
+  accuracy = state.class_accuracy
+  if accuracy.ndim != 1:
+    raise ValueError(
+        f"The state's class_accuracy has shape {tuple(accuracy.shape)} inside the step; it must be "
+        "a vector [C]. Under pmap the whole state must be replicated (dj.replicate(state)) and its "
+        "accuracy refreshed with dj.with_class_accuracy, which keeps that layout; with jax.jit do "
+        "not replicate it (use dj.replicate_on_mesh for a mesh).")
+  chex.assert_type(accuracy, float, exception_type=TypeError,
+                   custom_message="class_accuracy must be a floating-point vector.")
+  return accuracy.shape[0]
 
 
 def _step_key(state: TrainState, axis_name: str | None) -> jax.Array:
@@ -46,7 +74,7 @@ def _classifier_update(state: TrainState, forward: meta.TrainForward, labels, cl
   """
   grads = meta.weighted_gradient(forward, class_weights, labels, axis_name)
   # Per-device running statistics are averaged (a no-op with synchronised BatchNorm).
-  batch_stats = pmean_if(forward.batch_stats, axis_name)
+  batch_stats = pmean_floating(forward.batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
@@ -60,8 +88,8 @@ def _classifier_update(state: TrainState, forward: meta.TrainForward, labels, cl
   return params, batch_stats, opt_state, metrics
 
 
-def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Module,
-               dnet: nn.Module, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
+               dnet: Any, tx: optax.GradientTransformation,
                dnet_tx: optax.GradientTransformation, learning_rate: LearningRate,
                loss_fn: losses.LossFn = losses.cross_entropy, driver_weight: float = 0.3,
                meta_grad: str = "nested", update_dnet: bool = True, remat: bool = False,
@@ -83,7 +111,9 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
     state: the `TrainState` (classifier, Difficulty-Net, optimizers, accuracy, step, key).
     batch: train batch {"image", "label"} (per device under pmap).
     meta_batch: meta batch {"image", "label"} drawn from the balanced meta set.
-    model: any Flax classifier; it may take `train=` and may have BatchNorm/dropout.
+    model: the classifier: a linen module (it may take `train=` and have BatchNorm /
+      dropout), an NNX or Equinox module, or any `dnet_jax.Classifier`
+      (`dnet_jax.classifier` describes the protocol).
     dnet: Difficulty-Net (`DifficultyNet` or `AbsoluteDifficultyNet`).
     tx: the classifier optimizer (e.g. SGD with momentum and weight decay).
     dnet_tx: the Difficulty-Net optimizer (Adam, with L2 added to the gradient).
@@ -107,11 +137,12 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
     (new_state, metrics): metrics is a dict of scalars (device arrays).
   """
   meta.check_meta_grad_mode(meta_grad)
+  batch, meta_batch = as_batch(batch), as_batch(meta_batch, "meta batch")
   key = _step_key(state, axis_name)
   train_rng, _ = split_step_rng(key)
   alpha = _learning_rate(learning_rate, state.step)
   problem = MetaProblem(model=model, dnet=dnet, loss_fn=loss_fn, driver_weight=driver_weight,
-                        axis_name=axis_name, remat=remat)
+                        axis_name=axis_name, remat=remat, num_classes=num_classes_of(state))
   inputs = MetaInputs(params=state.params, batch_stats=state.batch_stats,
                       class_accuracy=state.class_accuracy, batch=batch, meta_batch=meta_batch,
                       learning_rate=alpha, rng=key)
@@ -142,7 +173,7 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: nn.Mo
   return new_state, pmean_if(metrics, axis_name)
 
 
-def baseline_step(state: TrainState, batch: dict, *, model: nn.Module,
+def baseline_step(state: TrainState, batch: dict, *, model: Any,
                   tx: optax.GradientTransformation,
                   class_weights_fn: Callable[[jax.Array], jax.Array] | None = None,
                   loss_fn: losses.LossFn = losses.cross_entropy,
@@ -156,13 +187,15 @@ def baseline_step(state: TrainState, batch: dict, *, model: nn.Module,
   `lambda a: cdb_weights(a, tau)`, reading the accuracy vector refreshed every
   epoch. Focal and Balanced Softmax: pass their `loss_fn`.
   """
-  num_classes = state.class_accuracy.shape[-1]
+  batch = as_batch(batch)
+  num_classes = num_classes_of(state)
   if class_weights_fn is None:
     weights = jnp.ones((num_classes,), jnp.float32)
   else:
     weights = jax.lax.stop_gradient(class_weights_fn(state.class_accuracy))
   train_rng, _ = split_step_rng(_step_key(state, axis_name))
-  problem = MetaProblem(model=model, dnet=None, loss_fn=loss_fn, axis_name=axis_name)
+  problem = MetaProblem(model=model, dnet=None, loss_fn=loss_fn, axis_name=axis_name,
+                        num_classes=num_classes)
   forward = meta.train_forward(problem, state.params, state.batch_stats, batch, train_rng)
   params, batch_stats, opt_state, metrics = _classifier_update(
       state, forward, batch["label"], weights, tx=tx, axis_name=axis_name)
@@ -171,7 +204,7 @@ def baseline_step(state: TrainState, batch: dict, *, model: nn.Module,
   return new_state, pmean_if(metrics, axis_name)
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: int | None = None,
+def eval_step(state: TrainState, batch: dict, *, model: Any, num_classes: int | None = None,
               axis_name: str | None = None) -> dict:
   """Per-class top-1 counts of the classifier in evaluation mode (running BN statistics).
 
@@ -179,14 +212,53 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, num_classes: 
   batches on the host and use `accuracy_from_counts`. Padding examples carry
   batch["mask"] = 0 and are not counted.
   """
-  num_classes = num_classes or state.class_accuracy.shape[-1]
-  logits, _ = apply_classifier(model, state.params, state.batch_stats, batch["image"], train=False)
+  batch = as_batch(batch)
+  num_classes = num_classes or num_classes_of(state)
+  classifier = as_classifier(model)
+  logits, _ = classifier.apply(state.params, state.batch_stats, batch["image"], train=False, rng=None)
+  logits = checked_logits(logits, batch["image"].shape[0], num_classes, classifier.name)
   correct, total = dmath.per_class_counts(logits, batch["label"], num_classes, batch.get("mask"))
   counts = {"correct": correct, "total": total}
   return counts if axis_name is None else jax.lax.psum(counts, axis_name)
 
 
 def with_class_accuracy(state: TrainState, correct, total) -> TrainState:
-  """The state with its accuracy vector refreshed from meta-set counts (after an epoch)."""
-  return state.replace(class_accuracy=dmath.accuracy_from_counts(
-      jnp.asarray(correct, jnp.float32), jnp.asarray(total, jnp.float32)))
+  """The state with its accuracy vector refreshed from meta-set counts (after an epoch).
+
+  a_c = correct_c / total_c (0 where total_c = 0). The new vector keeps the
+  layout of the state's: for a replicated (pmap) state [n_devices, C] the
+  counts may be [C] or the [n_devices, C] that `pmap_eval_step` returns, and the
+  result is placed on the same devices with the same sharding; for a state on a
+  mesh (`replicate_on_mesh`) it keeps that sharding too. A shape that fits
+  neither is refused with both shapes named.
+  """
+  old = state.class_accuracy
+  accuracy = dmath.accuracy_from_counts(jnp.asarray(correct, jnp.float32),
+                                        jnp.asarray(total, jnp.float32))
+  num_classes = old.shape[-1]
+  if accuracy.shape[-1:] != (num_classes,) or accuracy.ndim > old.ndim:
+    raise ValueError(
+        f"with_class_accuracy: counts of shape {tuple(accuracy.shape)} do not fit the state's "
+        f"class_accuracy of shape {tuple(old.shape)}; give per-class counts [C={num_classes}] "
+        "(or, for a replicated state, the [n_devices, C] counts of pmap_eval_step).")
+  if isinstance(old, jax.core.Tracer):
+    return state.replace(class_accuracy=jnp.broadcast_to(accuracy, old.shape).astype(old.dtype))
+  return state.replace(class_accuracy=_place_like(_first_row(accuracy, num_classes), old))
+
+
+def _first_row(x, num_classes: int) -> np.ndarray:
+  """A [C] host copy of x ([C], or [n, C] with identical rows), read without a device program."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_data(0)
+  return np.asarray(jax.device_get(x)).reshape(-1, num_classes)[0]
+
+
+def _place_like(row: np.ndarray, like: jax.Array) -> jax.Array:
+  """`row` broadcast to `like`'s shape, with `like`'s dtype and sharding (any process count)."""
+  full = np.broadcast_to(row.astype(like.dtype), like.shape)
+  sharding = getattr(like, "sharding", None)
+  if sharding is None:
+    return jnp.asarray(full)
+  shards = [jax.device_put(full[index], device)
+            for device, index in sharding.addressable_devices_indices_map(like.shape).items()]
+  return jax.make_array_from_single_device_arrays(like.shape, sharding, shards)

@@ -11,7 +11,12 @@ is imported, and `jax.distributed.initialize` can run once per process.
         the reference: one process with all 8 devices, plus a single-device
         `jax.jit` step on the whole global batch.
 
-Writes DIR/process{I}.npz (final classifier and Difficulty-Net parameters),
+Each process also runs the same steps with `jax.jit` over a mesh of all devices
+(`parallel.sharded_train_step`, fed its local part) and refreshes the accuracy
+vector from the mesh evaluation.
+
+Writes DIR/process{I}.npz (final classifier and Difficulty-Net parameters; _mesh.npz
+for the mesh path),
 DIR/process{I}.json (checks made here) and, in reference mode only, DIR/jit.npz
 (after the single-device jit steps) and DIR/init.npz (the initial parameters).
 Everything runs in float64 so the comparison can be tight (see the test).
@@ -126,6 +131,23 @@ def main() -> int:
   np.savez(out + ".npz", **flatten_variables(
       {"params": final.params, "dnet_params": final.dnet_params}))
 
+  # The mesh path: jax.jit + NamedSharding over all devices of all processes, each process
+  # feeding its local part; then the accuracy refresh from the mesh evaluation.
+  mesh = parallel.data_mesh()
+  mesh_step = parallel.sharded_train_step(mesh, donate=False, **hyper)
+  on_mesh = parallel.replicate_on_mesh(state, mesh)
+  for batch, meta_batch in batches:
+    on_mesh, _ = mesh_step(
+        on_mesh, parallel.shard_global_batch(distributed.global_batch_to_local(batch), mesh),
+        parallel.shard_global_batch(distributed.global_batch_to_local(meta_batch), mesh))
+  counts = parallel.sharded_eval_step(mesh, model=model)(
+      on_mesh, parallel.shard_global_batch(distributed.global_batch_to_local(batches[0][0]), mesh))
+  on_mesh = dnet_jax.with_class_accuracy(on_mesh, counts["correct"], counts["total"])
+  local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), on_mesh)
+  checks["mesh_class_accuracy"] = local.class_accuracy.tolist()
+  np.savez(out + "_mesh.npz", **flatten_variables(
+      {"params": local.params, "dnet_params": local.dnet_params}))
+
   if args.num_processes == 1:  # reference: one device, whole global batch, plain jit
     np.savez(os.path.join(args.out, "init.npz"), **flatten_variables(
         {"params": state.params, "dnet_params": state.dnet_params}))
@@ -134,6 +156,9 @@ def main() -> int:
     for batch, meta_batch in batches:
       single, _ = jit_step(single, batch, meta_batch)
     single = jax.device_get(single)
+    counts = parallel.jit_eval_step(model=model)(single, batches[0][0])
+    checks["jit_class_accuracy"] = (np.asarray(counts["correct"]) /
+                                    np.maximum(np.asarray(counts["total"]), 1)).tolist()
     np.savez(os.path.join(args.out, "jit.npz"), **flatten_variables(
         {"params": single.params, "dnet_params": single.dnet_params}))
 

@@ -145,3 +145,19 @@ def test_two_processes_match_one_process_with_eight_devices(worker_outputs):
   with open(worker_outputs["process0"] / "process0.json") as f:
     losses = json.load(f)["train_loss"]
   assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_mesh_path_over_two_processes_matches_one_device(worker_outputs):
+  """jax.jit + NamedSharding over both processes' 8 devices equals the single-device jit steps,
+  and the accuracy refresh on the mesh state gives the single device's per-class accuracy."""
+  single_device = _load(worker_outputs["reference"] / "jit.npz")
+  with open(worker_outputs["reference"] / "process0.json") as f:
+    reference_accuracy = json.load(f)["jit_class_accuracy"]
+  for pid in (0, 1):
+    _assert_trees_close(_load(worker_outputs[f"process{pid}"] / f"process{pid}_mesh.npz"),
+                        single_device, f"mesh over 2 processes (process {pid}) vs jit on 1 device")
+    with open(worker_outputs[f"process{pid}"] / f"process{pid}.json") as f:
+      np.testing.assert_allclose(json.load(f)["mesh_class_accuracy"], reference_accuracy,
+                                 rtol=1e-6)
+  _assert_trees_close(_load(worker_outputs["reference"] / "process0_mesh.npz"), single_device,
+                      "mesh over 8 devices of one process vs jit on 1 device")
