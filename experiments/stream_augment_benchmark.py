@@ -3,20 +3,23 @@ r"""Host input throughput: decoded-and-augmented images/s per CPU core, on gener
 An accelerator step on ImageNet-LT consumes a batch of 224 x 224 images; this
 measures how many the host pipeline (read -> JPEG decode -> reflect-pad ->
 RandomResizedCrop -> flip -> ColorJitter -> RandAugment -> normalise; see
-`dnet_jax.data.color_randaugment.train_augment`) produces per core, so that the
-cores needed to feed a device are (device images/s) / (this number).
+`dnet_jax.data.color_randaugment.train_augment_encoded`) produces per core, so that
+the cores needed to feed a device are (device images/s) / (this number).
 
-  python -m experiments.stream_augment_benchmark                     # ImageNet-LT chain
-  python -m experiments.stream_augment_benchmark --no_rand_augment   # Places-LT chain
+  python -m experiments.stream_augment_benchmark
   python -m experiments.stream_augment_benchmark --threads=4 --images=64 --repeats=4
 
 It writes `--images` JPEGs of `--height` x `--width` (smooth random colour fields,
 quality 90, about the size of an ImageNet photo) to a temporary directory, then
-times `--repeats` passes over them through a tf.data pipeline restricted to
-`--threads` threads (`threading.private_threadpool_size`, one op thread each), after
-one untimed warm-up pass that builds the pipeline. It prints images/s in total and
-per thread (= per host core when the cores are otherwise idle), for the full chain
-and for decode + crop alone. About a minute on one free core with the defaults.
+times `--repeats` passes over them through a tf.data pipeline (the traced `map`
+with `num_parallel_calls=--threads`) restricted to `--threads` threads
+(`threading.private_threadpool_size`, one op thread each), after one untimed
+warm-up pass that builds the pipeline. For each chain of `CHAINS` (decode + crop;
+the same with reflect padding, decoding the whole JPEG or only the crop window;
+the Places-LT chain; the ImageNet-LT chain) it prints images/s per core two ways:
+wall-clock rate / threads (right when the cores are otherwise idle) and images per
+CPU second of this process (right on a shared machine). About a minute with the
+defaults.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ _WIDTH = flags.DEFINE_integer("width", 500, "Generated image width (ImageNet med
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side.")
 _THREADS = flags.DEFINE_integer("threads", 1, "Pipeline threads (host cores used).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the files.")
-_NO_RAND_AUGMENT = flags.DEFINE_bool("no_rand_augment", False,
-                                     "Leave RandAugment out (the Places-LT chain).")
 
 
 def write_jpegs(directory: str, count: int, height: int, width: int, seed: int = 0) -> list[str]:
@@ -53,9 +54,18 @@ def write_jpegs(directory: str, count: int, height: int, width: int, seed: int =
   return paths
 
 
-def measure_throughput(paths: list[str], *, threads: int, repeats: int, image_size: int,
-                       augment: bool, rand_augment: bool) -> float:
-  """Images/s of decode (+ augment) + normalise over `repeats` passes, `threads` threads."""
+CHAINS = ("decode+crop", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT chain",
+          "ImageNet-LT chain")
+
+
+def _load_fn(chain: str, image_size: int):
+  """(index, path) -> normalised float32 image, for one of `CHAINS`.
+
+  "decode+crop" is `image_folder`'s decode then RandomResizedCrop (no padding), the
+  floor any chain pays; the others decode only the crop window of the reflect-padded
+  image (`color_randaugment.train_augment_encoded`), then flip, ColorJitter and, for
+  ImageNet-LT, RandAugment.
+  """
   from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
   from dnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
 
@@ -64,15 +74,33 @@ def measure_throughput(paths: list[str], *, threads: int, repeats: int, image_si
   std = tf.constant(image_folder.IMAGENET_STD, tf.float32) * 255.0
 
   def load(index, path):
-    image = image_folder.decode_image(tf.io.read_file(path))
+    data = tf.io.read_file(path)
     seed = tf.stack([tf.constant(0, tf.int64), index])
-    if augment:
-      image = color_randaugment.train_augment(image, seed, image_size=image_size,
-                                              use_rand_augment=rand_augment)
+    if chain == "decode+crop":
+      image = image_folder.random_resized_crop(image_folder.decode_image(data), seed, image_size)
+    elif chain.endswith("decode+pad+crop"):
+      image = color_randaugment.decode_padded_random_resized_crop(
+          data, seed, image_size, crop_before_decode=chain.startswith("crop-"))
     else:
-      image = image_folder.random_resized_crop(image, seed, image_size)
+      image = color_randaugment.train_augment_encoded(
+          data, seed, image_size=image_size, use_rand_augment=chain == "ImageNet-LT chain")
     return (tf.cast(image, tf.float32) - mean) / std
 
+  return load
+
+
+def measure_throughput(paths: list[str], load, *, threads: int, repeats: int):
+  """(images per wall second / threads, images per process CPU second) of the traced
+  `load` mapped with `num_parallel_calls=threads` over `repeats` passes.
+
+  The pipeline runs on a private pool of `threads` threads with one op thread each
+  (`threading.private_threadpool_size`, `max_intra_op_parallelism=1`), so the first
+  number is the rate per core used when those cores are free; the second divides by
+  the CPU time this process actually got, the per-core rate on a shared machine.
+  """
+  from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
+
+  tf = color_randaugment.tf
   files = tf.data.Dataset.from_tensor_slices(paths)
   ds = tf.data.Dataset.zip(tf.data.Dataset.range(len(paths)), files)
   ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
@@ -82,11 +110,12 @@ def measure_throughput(paths: list[str], *, threads: int, repeats: int, image_si
   ds = ds.with_options(options)
   for _ in ds:  # warm-up: builds the pipeline and fills the file cache
     pass
-  start = time.perf_counter()
+  wall, cpu = time.perf_counter(), time.process_time()
   for _ in range(repeats):
     for _ in ds:
       pass
-  return repeats * len(paths) / (time.perf_counter() - start)
+  count = repeats * len(paths)
+  return (count / (time.perf_counter() - wall) / threads, count / (time.process_time() - cpu))
 
 
 def main(argv):
@@ -94,14 +123,12 @@ def main(argv):
   threads = _THREADS.value
   with tempfile.TemporaryDirectory() as directory:
     paths = write_jpegs(directory, _IMAGES.value, _HEIGHT.value, _WIDTH.value)
-    chain = "crop+flip+ColorJitter" + ("" if _NO_RAND_AUGMENT.value else "+RandAugment")
     print(f"{len(paths)} JPEGs {_WIDTH.value}x{_HEIGHT.value} -> {_IMAGE_SIZE.value}^2, "
-          f"{threads} thread(s)")
-    for name, augment in (("decode+crop", False), (f"decode+{chain}", True)):
-      rate = measure_throughput(paths, threads=threads, repeats=_REPEATS.value,
-                                image_size=_IMAGE_SIZE.value, augment=augment,
-                                rand_augment=not _NO_RAND_AUGMENT.value)
-      print(f"{name:48s} {rate:8.1f} images/s  {rate / threads:8.1f} images/s per core")
+          f"{threads} thread(s); images/s per core: by wall time / threads, by CPU time")
+    for chain in CHAINS:
+      per_thread, per_cpu = measure_throughput(
+          paths, _load_fn(chain, _IMAGE_SIZE.value), threads=threads, repeats=_REPEATS.value)
+      print(f"{chain:28s} {per_thread:8.1f} (wall)  {per_cpu:8.1f} (CPU)")
 
 
 if __name__ == "__main__":

@@ -210,3 +210,52 @@ def test_train_augment_is_a_function_of_the_seed_inside_tf_data():
   assert out.shape == (6, 24, 24, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out[0:2], out[2:4])
   assert not np.array_equal(out[0:2], out[4:6])
+
+
+# --- reflect padding + RandomResizedCrop without building the padded image -------------------
+
+
+def _padded_crop_reference(image, seed, size):
+  """numpy reflect padding (torch's "reflect"), then image_folder's crop, rounded."""
+  from dnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+  resized = image_folder.random_resized_crop(padded, seed, size).numpy()
+  return np.clip(np.round(resized), 0, 255)
+
+
+@pytest.mark.parametrize("height, width", [(29, 41), (6, 7)])  # (6, 7): boxes reach both pads
+def test_padded_crop_equals_reflect_pad_then_random_resized_crop(height, width):
+  image = IMAGES[1][:height, :width]
+  for i in range(6):
+    seed = tf.constant([5, i], tf.int64)
+    np.testing.assert_array_equal(cra.padded_random_resized_crop(image, seed, 16),
+                                  _padded_crop_reference(image, seed, 16))
+
+
+def _encode(image, fmt):
+  import io  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_crop_of_encoded_bytes_equals_crop_of_decoded_image(fmt):
+  # A 4:2:0 JPEG (Pillow's default): decoding only the window must not change the
+  # box's pixels at its edges (chroma upsampling).
+  data = _encode(np.repeat(np.repeat(IMAGES[1], 2, 0), 2, 1)[:53, :75], fmt)
+  decoded = tf.io.decode_image(data, channels=3).numpy()
+  for i in range(6):
+    seed = tf.constant([9, i], tf.int64)
+    expected = _padded_crop_reference(decoded, seed, 16)
+    for crop_before_decode in (False, True):
+      np.testing.assert_array_equal(cra.decode_padded_random_resized_crop(
+          tf.constant(data), seed, 16, crop_before_decode=crop_before_decode), expected)
+  seed = tf.constant([2, 3], tf.int64)
+  np.testing.assert_array_equal(cra.train_augment_encoded(tf.constant(data), seed, image_size=16),
+                                cra.train_augment(decoded, seed, image_size=16))
+
+
+def test_padding_larger_than_the_image_is_a_clear_error():
+  with pytest.raises(tf.errors.InvalidArgumentError, match="reflect padding 4 needs images"):
+    cra.padded_random_resized_crop(IMAGES[0][:4, :9], tf.constant([0, 1]), 8)

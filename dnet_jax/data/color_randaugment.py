@@ -7,10 +7,17 @@ ImageNet_Places-LT/datasets/imagenet.py lines 201-217)
     -> RandAugment "rand-n2-m10-mstd0.5" -> normalise
 
 and Places-LT with the same chain without RandAugment. This module provides the pieces
-that `image_folder.preprocess` lacks, on uint8 [H, W, 3] images, each a pure function of
-the image and a stateless seed (int32/int64 [2]), so a batch is a function of
-(seed, step) whatever the tf.data threading. The random draws are separate
-`*_params` functions, so tests (and users) can reproduce exactly what was applied.
+that `image_folder.preprocess` lacks, each a pure function of the image and a
+stateless seed (int32/int64 [2]), so a batch is a function of (seed, step) whatever
+the tf.data threading. The random draws are separate `*_params` functions, so tests
+(and users) can reproduce exactly what was applied. `train_augment` (decoded uint8
+image) and `train_augment_encoded` (file bytes) run the whole chain.
+
+For speed the chain never builds the padded image: the crop box is drawn for the
+padded shape and its rows and columns are mapped back through the reflection
+(`padded_crop_window`); every colour and RandAugment op then runs on the
+image_size x image_size crop, as float32 grey levels (`pil_ops.levels`), converting
+to uint8 once at the end.
 
 ColorJitter (torchvision `transforms.ColorJitter` on PIL images): brightness,
 contrast and saturation factors are drawn uniformly in [max(0, 1 - x), 1 + x] and the
@@ -92,11 +99,6 @@ def reflect_pad(image, padding: int = 4):
   return tf.pad(image, [[padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
 
 
-def round_to_uint8(image):
-  """A float image in [0, 255] units (e.g. after a resize) -> uint8, rounded and clipped."""
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
 # --- ColorJitter ------------------------------------------------------------------------------
 
 
@@ -123,15 +125,21 @@ def color_jitter_params(seed, brightness: float = 0.4, contrast: float = 0.4,
 
 @_graph_code
 def apply_color_jitter(image, params: ColorJitterParams):
-  """Brightness (0), contrast (1), saturation (2) adjustments in `params.order`."""
+  """Brightness (0), contrast (1), saturation (2) adjustments in `params.order`.
+
+  One code path for all three: each blends with scale L + offset (`pil_ops.grey_blend_partner`),
+  (0, 0) for brightness, (0, int(mean L + 0.5)) for contrast and (1, 0) for saturation,
+  so no branch is taken per image. Works on float32 levels; returns `image`'s dtype.
+  """
+  x = pil_ops.levels(image)
   for position in range(3):
     which = params.order[position]
-    # Blend partners: black (brightness), mean grey (contrast), grey image (saturation).
-    grey = pil_ops.grayscale(image)
-    degenerate = tf.where(which == 0, tf.zeros_like(image), pil_ops.mean_grey_image(image, grey))
-    degenerate = tf.where(which == 2, tf.repeat(grey[..., None], 3, axis=-1), degenerate)
-    image = pil_ops.blend(degenerate, image, tf.gather(params.factors, which))
-  return image
+    grey = pil_ops.grayscale_levels(x)
+    scale = tf.cast(tf.equal(which, 2), tf.float32)
+    offset = tf.cast(tf.equal(which, 1), tf.float32) * pil_ops.mean_grey_level(grey)
+    degenerate = pil_ops.grey_blend_partner(x, scale, offset, grey)
+    x = pil_ops.blend_levels(degenerate, x, tf.gather(params.factors, which))
+  return pil_ops._like(x, image)  # pylint: disable=protected-access
 
 
 @_graph_code
@@ -182,35 +190,41 @@ _KIND = (_LUT, _LUT, _LUT, _AFFINE, _LUT, _LUT, _LUT, _BLEND, _BLEND, _BLEND, _B
 _POSITION = (0, 1, 2, 0, 3, 4, 5, 0, 1, 2, 3, 1, 2, 3, 4)
 
 
-def _lut_op(image, position, level):
-  """AutoContrast, Equalize, Invert, PosterizeTpu, Solarize, SolarizeAdd (positions 0-5)."""
-  histogram = pil_ops.histograms(image)
+def _lut_op(x, position, level):
+  """AutoContrast, Equalize, Invert, PosterizeTpu, Solarize, SolarizeAdd (positions 0-5);
+  the histograms are computed only for the first two."""
+  histogram = tf.cond(position < 2, lambda: pil_ops.histograms(x),
+                      lambda: tf.zeros([3, 256], tf.int64))
   luts = tf.stack([pil_ops.auto_contrast_lut(histogram), pil_ops.equalize_lut(histogram),
                    pil_ops.invert_lut(), pil_ops.posterize_lut(tf.cast(level * 4.0, tf.int32)),
                    pil_ops.solarize_lut(tf.cast(level * 256.0, tf.int32)),
                    pil_ops.solarize_add_lut(tf.cast(level * 110.0, tf.int32))])
-  return pil_ops.apply_lut(image, tf.gather(luts, position))
+  return pil_ops.apply_lut(x, tf.gather(luts, position))
 
 
-def _degenerate(image, position):
-  """The blend partner of Color (0), Contrast (1), Brightness (2), Sharpness (3)."""
-  grey = pil_ops.grayscale(image)
-  degenerate = tf.where(position == 0, tf.repeat(grey[..., None], 3, axis=-1),
-                        pil_ops.mean_grey_image(image, grey))
-  degenerate = tf.where(position == 2, tf.zeros_like(image), degenerate)
-  return tf.cond(position == 3, lambda: pil_ops.smooth(image), lambda: degenerate)
+def _blend_op(x, position, level):
+  """Color (0), Contrast (1), Brightness (2), Sharpness (3): a blend with factor
+  1.8 l + 0.1; the first three blend with scale L + offset (see `apply_color_jitter`)."""
+  def grey_partner():
+    grey = pil_ops.grayscale_levels(x)
+    scale = tf.cast(tf.equal(position, 0), tf.float32)
+    offset = tf.cast(tf.equal(position, 1), tf.float32) * pil_ops.mean_grey_level(grey)
+    return pil_ops.grey_blend_partner(x, scale, offset, grey)
+
+  degenerate = tf.cond(tf.equal(position, 3), lambda: pil_ops.smooth(x), grey_partner)
+  return pil_ops.blend_levels(degenerate, x, level * 1.8 + 0.1)
 
 
-def _affine_op(image, position, level, sign, fill, bicubic):
+def _affine_op(x, position, level, sign, fill, bicubic):
   """Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (positions 0-4)."""
-  shape = tf.shape(image)
+  shape = tf.shape(x)
   height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
   signed = sign * level
   matrices = tf.stack([pil_ops.rotation_matrix(signed * 30.0, shape[0], shape[1]),
                        pil_ops.shear_x_matrix(signed * 0.3), pil_ops.shear_y_matrix(signed * 0.3),
                        pil_ops.translate_x_matrix(signed * 0.45 * width),
                        pil_ops.translate_y_matrix(signed * 0.45 * height)])
-  return pil_ops.affine(image, tf.gather(matrices, position), fill, bicubic)
+  return pil_ops.affine(x, tf.gather(matrices, position), fill, bicubic)
 
 
 @_graph_code
@@ -223,26 +237,29 @@ def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_
   is False the image is returned unchanged (one branch more, not a separate cond);
   geometric ops resample bicubic where `bicubic`, else bilinear.
   """
+  x = pil_ops.levels(image)
   op = tf.cast(op, tf.int32)
   level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
   sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
                   tf.constant(1.0, tf.float64))
   kind = tf.where(tf.cast(enabled, tf.bool), tf.gather(tf.constant(_KIND), op), _IDENTITY)
   position = tf.gather(tf.constant(_POSITION), op)
-  return select_branch(kind, [
-      lambda: _lut_op(image, position, level),
-      lambda: pil_ops.blend(_degenerate(image, position), image, level * 1.8 + 0.1),
-      lambda: _affine_op(image, position, level, sign, fill, tf.cast(bicubic, tf.bool)),
-      lambda: tf.identity(image)])
+  out = select_branch(kind, [
+      lambda: _lut_op(x, position, level),
+      lambda: _blend_op(x, position, level),
+      lambda: _affine_op(x, position, level, sign, fill, tf.cast(bicubic, tf.bool)),
+      lambda: tf.identity(x)])
+  return pil_ops._like(out, image)  # pylint: disable=protected-access
 
 
 @_graph_code
 def apply_rand_augment(image, params: RandAugmentParams, fill: Sequence[int] = IMAGENET_FILL):
   """The layers of `params` in order, each only where `params.apply` is set."""
+  x = pil_ops.levels(image)
   for layer in range(params.op.shape[0]):
-    image = apply_op(image, params.op[layer], params.magnitude[layer], params.negate[layer],
-                     fill, enabled=params.apply[layer], bicubic=params.bicubic[layer])
-  return image
+    x = apply_op(x, params.op[layer], params.magnitude[layer], params.negate[layer],
+                 fill, enabled=params.apply[layer], bicubic=params.bicubic[layer])
+  return pil_ops._like(x, image)  # pylint: disable=protected-access
 
 
 @_graph_code
@@ -253,7 +270,130 @@ def rand_augment(image, seed, num_layers: int = 2, magnitude: float = 10.0,
                                                        magnitude_std), fill)
 
 
+# --- reflect padding + RandomResizedCrop without building the padded image -----------------
+
+
+def _reflect(index, size):
+  """Source index of padded position `index` (original coordinates, -size < index <
+  2 size - 1) under torch's "reflect" padding: -i below 0, 2 (size - 1) - i above."""
+  index = tf.abs(index)
+  return (size - 1) - tf.abs((size - 1) - index)
+
+
+@_graph_code
+def padded_crop_window(height, width, seed, padding: int = 4, area_range=(0.08, 1.0),
+                       aspect_ratio_range=(3 / 4, 4 / 3), max_attempts: int = 10):
+  """The RandomResizedCrop box of the reflect-padded image, as source rows and columns.
+
+  The box is `image_folder.random_resized_crop`'s, drawn for the padded shape
+  (H + 2 padding, W + 2 padding); its rows r map to original rows reflect(r - padding)
+  (`_reflect`), so the padded image is never built and only the part of the original
+  under the box needs decoding. Returns int32 `rows`, `cols`.
+  """
+  height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+  check = tf.debugging.assert_greater(
+      tf.minimum(height, width), padding,
+      message=f"reflect padding {padding} needs images larger than {padding} pixels on each "
+              "side; resize such images first or lower the padding.")
+  with tf.control_dependencies([check]):
+    padded = tf.stack([height + 2 * padding, width + 2 * padding, 3])
+  whole = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      padded, bounding_boxes=whole, seed=seed, min_object_covered=0.0,
+      aspect_ratio_range=aspect_ratio_range, area_range=area_range,
+      max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
+  rows = _reflect(tf.range(begin[0], begin[0] + size[0]) - padding, height)
+  cols = _reflect(tf.range(begin[1], begin[1] + size[1]) - padding, width)
+  return rows, cols
+
+
+def _take_axis(image, index, axis: int):
+  """`tf.gather(image, index, axis)`, as a slice where `index` is a run of consecutive
+  indices (a box clear of the padding): a gather of single pixels costs more."""
+  size = tf.size(index)
+  run = tf.equal(index[-1] - index[0], size - 1)
+  begin = tf.one_hot(axis, 3, on_value=index[0], off_value=0)
+  extent = tf.one_hot(axis, 3, on_value=size, off_value=-1)
+  return tf.cond(run, lambda: tf.slice(image, begin, extent),
+                 lambda: tf.gather(image, index, axis=axis))
+
+
+def _take(image, rows, cols, top=0, left=0):
+  """image[rows - top][:, cols - left]."""
+  return _take_axis(_take_axis(image, rows - top, 0), cols - left, 1)
+
+
+def _resize_levels(crop, image_size: int):
+  """Bilinear antialiased resize (as `image_folder.random_resized_crop`), rounded to
+  integer float32 levels."""
+  resized = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=True)
+  return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
+@_graph_code
+def padded_random_resized_crop(image, seed, image_size: int, padding: int = 4):
+  """reflect-pad `padding` -> RandomResizedCrop `image_size` on a decoded image, as float32
+  levels (equal to `reflect_pad` then `image_folder.random_resized_crop`, rounded)."""
+  shape = tf.shape(image)
+  rows, cols = padded_crop_window(shape[0], shape[1], seed, padding)
+  return _resize_levels(_take(image, rows, cols), image_size)
+
+
+# Reach of libjpeg's "fancy" chroma upsampling: one chroma sample, 2 pixels at 2x subsampling.
+_JPEG_MARGIN = 2
+
+
+@_graph_code
+def decode_padded_random_resized_crop(image_bytes, seed, image_size: int, padding: int = 4,
+                                      crop_before_decode: bool = False):
+  """`padded_random_resized_crop` of encoded image bytes (JPEG, PNG, BMP, GIF).
+
+  With `crop_before_decode`, a JPEG's size comes from its header
+  (`tf.io.extract_jpeg_shape`) and `tf.image.decode_and_crop_jpeg` decodes only the
+  rectangle of the original under the padded box, plus a 2-pixel margin so the box's
+  pixels equal a full decode. It is off by default: with TensorFlow's libjpeg it was
+  slower than a full decode on ImageNet-sized photos (see
+  experiments/stream_augment_benchmark.py, which measures both).
+  """
+  def cropped_jpeg():
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    rows, cols = padded_crop_window(shape[0], shape[1], seed, padding)
+    # libjpeg's chroma upsampling at the edge of a decoded window replicates the edge
+    # instead of reading the neighbouring chroma sample; the margin keeps it off the box.
+    top = tf.maximum(tf.reduce_min(rows) - _JPEG_MARGIN, 0)
+    left = tf.maximum(tf.reduce_min(cols) - _JPEG_MARGIN, 0)
+    bottom = tf.minimum(tf.reduce_max(rows) + _JPEG_MARGIN, shape[0] - 1)
+    right = tf.minimum(tf.reduce_max(cols) + _JPEG_MARGIN, shape[1] - 1)
+    window = tf.stack([top, left, bottom - top + 1, right - left + 1])
+    crop = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    return _take(crop, rows, cols, top, left)
+
+  def decoded():
+    image = image_folder.decode_image(image_bytes)
+    shape = tf.shape(image)
+    return _take(image, *padded_crop_window(shape[0], shape[1], seed, padding))
+
+  if crop_before_decode:
+    crop = tf.cond(tf.io.is_jpeg(image_bytes), cropped_jpeg, decoded)
+  else:
+    crop = decoded()
+  crop.set_shape([None, None, 3])
+  return _resize_levels(crop, image_size)
+
+
 # --- the whole training transform ------------------------------------------------------------
+
+
+def _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
+                  use_rand_augment, fill):
+  """flip -> ColorJitter -> RandAugment on float32 levels; uint8 out."""
+  x = tf.image.stateless_random_flip_left_right(x, flip_seed)
+  if color_jitter_strength is not None:
+    strength = float(color_jitter_strength)
+    x = apply_color_jitter(x, color_jitter_params(jitter_seed, strength, strength, strength))
+  if use_rand_augment:
+    x = apply_rand_augment(x, rand_augment_params(augment_seed), fill)
+  return tf.cast(x, tf.uint8)
 
 
 @_graph_code
@@ -262,20 +402,29 @@ def train_augment(image, seed, *, image_size: int = 224, padding: int = 4,
                   fill: Sequence[int] = IMAGENET_FILL):
   """uint8 [H, W, 3] -> augmented uint8 [image_size, image_size, 3], before normalisation.
 
-  reflect-pad `padding` -> RandomResizedCrop (`image_folder.random_resized_crop`) ->
-  horizontal flip -> ColorJitter(x, x, x) (skipped when None) -> RandAugment
-  (when `use_rand_augment`): the public ImageNet-LT chain with the defaults, the
-  Places-LT chain with `use_rand_augment=False`.
+  reflect-pad `padding` -> RandomResizedCrop (the box of `image_folder.random_resized_crop`,
+  see `padded_crop_window`) -> horizontal flip -> ColorJitter(x, x, x) (skipped when
+  None) -> RandAugment (when `use_rand_augment`): the public ImageNet-LT chain with the
+  defaults, the Places-LT chain with `use_rand_augment=False`. The colour and
+  RandAugment ops run on the 224 x 224 crop, in float32 levels.
   """
   crop_seed, flip_seed, jitter_seed, augment_seed = tf.unstack(split_seed(seed, 4))
-  if padding:
-    image = reflect_pad(image, padding)
-  image = round_to_uint8(image_folder.random_resized_crop(image, crop_seed, image_size))
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  if color_jitter_strength is not None:
-    x = float(color_jitter_strength)
-    image = color_jitter(image, jitter_seed, x, x, x)
-  if use_rand_augment:
-    image = rand_augment(image, augment_seed, fill=fill)
+  x = padded_random_resized_crop(image, crop_seed, image_size, padding)
+  image = _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
+                        use_rand_augment, fill)
+  image.set_shape([image_size, image_size, 3])
+  return image
+
+
+@_graph_code
+def train_augment_encoded(image_bytes, seed, *, image_size: int = 224, padding: int = 4,
+                          color_jitter_strength: float | None = 0.4,
+                          use_rand_augment: bool = True, fill: Sequence[int] = IMAGENET_FILL):
+  """`train_augment(image_folder.decode_image(image_bytes), seed, ...)` (crop by
+  `decode_padded_random_resized_crop`): the form for a tf.data pipeline over files."""
+  crop_seed, flip_seed, jitter_seed, augment_seed = tf.unstack(split_seed(seed, 4))
+  x = decode_padded_random_resized_crop(image_bytes, crop_seed, image_size, padding)
+  image = _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
+                        use_rand_augment, fill)
   image.set_shape([image_size, image_size, 3])
   return image

@@ -6,6 +6,9 @@ These functions reproduce those Pillow operations with TensorFlow ops, so they r
 inside a `tf.data` map (graph mode, parallel C++ threads) and take their arguments as
 tensors. Each follows Pillow's arithmetic where it is documented or visible in its
 Python source; tests/test_color_randaugment.py compares every one with Pillow itself.
+Each accepts uint8 or float32 images and returns the input's dtype; internally they
+work on float32 grey levels (integers 0..255, exact in float32, as are Pillow's integer
+sums below 2^24), so a chain of ops converts only at its ends.
 
 - Point operations (Pillow `ImageOps`): `invert` (255 - x), `posterize` (x & ~(2^(8-bits)
   - 1)), `solarize` (x < t ? x : 255 - x), `solarize_add` (x < 128 ? min(255, x + a) : x),
@@ -22,7 +25,8 @@ Python source; tests/test_color_randaugment.py compares every one with Pillow it
   samples the input at (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f) in
   continuous coordinates; a sample outside [0, W) x [0, H) is the fill colour, inside it
   is bilinear or bicubic (Pillow's a = -1 cubic) with edge-clamped neighbours,
-  clipped and truncated to uint8.
+  clipped and truncated to uint8. The domain test is float64 as in Pillow, the
+  interpolation float32 (see `affine`): a truncated value can differ by 1.
 """
 
 from __future__ import annotations
@@ -39,80 +43,128 @@ tf = image_folder._tf()  # pylint: disable=protected-access
 _LUMA_WEIGHTS = (19595, 38470, 7471)
 
 
-def _to_uint8(values):
-  """Clip to [0, 255] and truncate, as Pillow's blends store their float results."""
-  return tf.cast(tf.clip_by_value(values, 0.0, 255.0), tf.uint8)
+def levels(image):
+  """An image as float32 grey levels (the working type: every function below keeps
+  integer values in [0, 255] in float32, which holds them, and Pillow's integer sums
+  below 2^24, exactly; a chain of ops then converts once at each end)."""
+  return tf.cast(image, tf.float32)
+
+
+def _like(values, image):
+  """float32 levels back to the dtype of `image` (no op when that is float32)."""
+  return tf.cast(values, tf.as_dtype(getattr(image, "dtype", "uint8")))
+
+
+def _truncate(values):
+  """Clip to [0, 255] and truncate, as Pillow's blends and warps store their results."""
+  return tf.floor(tf.clip_by_value(values, 0.0, 255.0))
+
+
+def grayscale_levels(x):
+  """Pillow's RGB -> L conversion, (19595 R + 38470 G + 7471 B + 32768) >> 16, float32
+  [H, W] (every partial sum is an integer below 2^24, so float32 is exact)."""
+  luma = tf.reduce_sum(x * tf.constant(_LUMA_WEIGHTS, tf.float32), axis=-1)
+  return tf.floor((luma + 32768.0) * (1.0 / 65536.0))
 
 
 def grayscale(image):
-  """Pillow's RGB -> L conversion, (19595 R + 38470 G + 7471 B + 32768) >> 16, as uint8 [H, W]."""
-  rgb = tf.cast(image, tf.int32)
-  luma = (rgb[..., 0] * _LUMA_WEIGHTS[0] + rgb[..., 1] * _LUMA_WEIGHTS[1]
-          + rgb[..., 2] * _LUMA_WEIGHTS[2] + 32768)
-  return tf.cast(tf.bitwise.right_shift(luma, 16), tf.uint8)
+  """`grayscale_levels` as uint8 [H, W]."""
+  return tf.cast(grayscale_levels(levels(image)), tf.uint8)
+
+
+def mean_grey_level(grey):
+  """int(mean(L) + 0.5) of a grey image (`ImageEnhance.Contrast`'s degenerate level)."""
+  return tf.cast(tf.floor(tf.reduce_mean(tf.cast(grey, tf.float64)) + 0.5), tf.float32)
+
+
+def blend_levels(degenerate, x, factor):
+  """Pillow's `Image.blend(degenerate, image, factor)` on float32 levels: the float32
+  value d + f (x - d), clipped and truncated (Blend.c)."""
+  return _truncate(degenerate + tf.cast(factor, tf.float32) * (x - degenerate))
 
 
 def blend(degenerate, image, factor):
-  """Pillow's `Image.blend(degenerate, image, factor)` in float32, truncated to uint8."""
-  factor = tf.cast(factor, tf.float32)
-  d = tf.cast(degenerate, tf.float32)
-  return _to_uint8(d + factor * (tf.cast(image, tf.float32) - d))
+  """`blend_levels` on images of any dtype (the result has `image`'s dtype)."""
+  return _like(blend_levels(levels(degenerate), levels(image), factor), image)
+
+
+def grey_blend_partner(x, scale, offset, grey=None):
+  """scale L + offset, broadcast to 3 channels: the degenerate image of `ImageEnhance`
+  Color (1, 0), Contrast (0, mean level) and Brightness (0, 0), as one formula so one
+  code path serves all three."""
+  grey = grayscale_levels(x) if grey is None else grey
+  return scale * grey[..., None] + offset * tf.ones_like(x)
 
 
 def brightness(image, factor):
   """`ImageEnhance.Brightness(image).enhance(factor)`: blend with black."""
-  return blend(tf.zeros_like(image), image, factor)
+  x = levels(image)
+  return _like(blend_levels(tf.zeros_like(x), x, factor), image)
 
 
 def grey_image(image):
   """The degenerate image of `ImageEnhance.Color`: L replicated to 3 channels."""
-  return tf.repeat(grayscale(image)[..., None], 3, axis=-1)
+  x = levels(image)
+  return _like(grey_blend_partner(x, 1.0, 0.0), image)
 
 
 def mean_grey_image(image, grey=None):
   """The degenerate image of `ImageEnhance.Contrast`: int(mean(L) + 0.5) everywhere
   (`grey`: the image's `grayscale`, when already computed)."""
-  grey = grayscale(image) if grey is None else grey
-  mean = tf.reduce_mean(tf.cast(grey, tf.float64))
-  return tf.fill(tf.shape(image), tf.cast(tf.floor(mean + 0.5), tf.uint8))
+  x = levels(image)
+  grey = grayscale_levels(x) if grey is None else levels(grey)
+  return _like(tf.fill(tf.shape(x), mean_grey_level(grey)), image)
 
 
 def color(image, factor):
   """`ImageEnhance.Color(image).enhance(factor)`: blend with the grey image (saturation)."""
-  return blend(grey_image(image), image, factor)
+  x = levels(image)
+  return _like(blend_levels(grey_blend_partner(x, 1.0, 0.0), x, factor), image)
 
 
 def contrast(image, factor):
   """`ImageEnhance.Contrast(image).enhance(factor)`: blend with the mean grey level."""
-  return blend(mean_grey_image(image), image, factor)
+  x = levels(image)
+  mean = mean_grey_level(grayscale_levels(x))
+  return _like(blend_levels(mean * tf.ones_like(x), x, factor), image)
 
 
 def smooth(image):
   """Pillow's `ImageFilter.SMOOTH`: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, rounded;
   the first and last rows and columns are copied unfiltered (Pillow's Filter.c)."""
-  x = tf.cast(image, tf.float32)[None]
+  x = levels(image)
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32)
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-  # Integer sums (exact in float32); floor(k / 13 + 1/2) never ties since 13 is odd.
-  sums = tf.cast(tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")[0], tf.int32)
-  interior = tf.cast(tf.math.floordiv(2 * sums + 13, 26), tf.uint8)
-  padded = tf.pad(interior, [[1, 1], [1, 1], [0, 0]])
-  shape = tf.shape(image)
+  # Integer sums (exact in float32); floor((2 k + 13) / 26) = round(k / 13): the quotient
+  # is never within float32 rounding of an integer unless it is one, as 26 is small.
+  sums = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], "VALID")[0]
+  interior = tf.pad(tf.floor((2.0 * sums + 13.0) / 26.0), [[1, 1], [1, 1], [0, 0]])
+  shape = tf.shape(x)
   rows = tf.range(shape[0])[:, None, None]
   cols = tf.range(shape[1])[None, :, None]
   inside = (rows > 0) & (rows < shape[0] - 1) & (cols > 0) & (cols < shape[1] - 1)
-  return tf.where(inside, padded, image)
+  return _like(tf.where(inside, interior, x), image)
 
 
 def sharpness(image, factor):
   """`ImageEnhance.Sharpness(image).enhance(factor)`: blend with the smoothed image."""
-  return blend(smooth(image), image, factor)
+  x = levels(image)
+  return _like(blend_levels(smooth(x), x, factor), image)
+
+
+_CHANNEL_OFFSETS = (0, 256, 512)
+
+
+def _flat_index(x):
+  """Index of each value into 3 concatenated per-channel tables of 256 entries."""
+  return tf.cast(x, tf.int32) + tf.constant(_CHANNEL_OFFSETS, tf.int32)
 
 
 def apply_lut(image, luts):
-  """Per-channel lookup table: out[..., c] = luts[c, image[..., c]], luts int32 [3, 256]."""
-  channels = [tf.gather(luts[c], tf.cast(image[..., c], tf.int32)) for c in range(3)]
-  return tf.cast(tf.stack(channels, axis=-1), tf.uint8)
+  """Per-channel lookup table: out[..., c] = luts[c, image[..., c]], luts int [3, 256]
+  (one gather from the 768 concatenated entries)."""
+  table = tf.reshape(tf.cast(luts, tf.float32), [768])
+  return _like(tf.gather(table, _flat_index(levels(image))), image)
 
 
 def _same_for_channels(lut):
@@ -148,9 +200,10 @@ def solarize_add_lut(addition, threshold=128):
 
 
 def histograms(image):
-  """Per-channel histograms, int64 [3, 256]."""
-  return tf.stack([tf.math.bincount(tf.cast(image[..., c], tf.int32), minlength=256,
-                                    maxlength=256, dtype=tf.int64) for c in range(3)])
+  """Per-channel histograms, int64 [3, 256] (one bincount over the 768 flat bins)."""
+  counts = tf.math.bincount(tf.reshape(_flat_index(levels(image)), [-1]), minlength=768,
+                            maxlength=768, dtype=tf.int64)
+  return tf.reshape(counts, [3, 256])
 
 
 def auto_contrast_lut(histogram):
@@ -213,12 +266,66 @@ def equalize(image):
   return apply_lut(image, equalize_lut(histograms(image)))
 
 
-def _cubic(p0, p1, p2, p3, d):
-  """Pillow's transform cubic (Geometry.c, a = -1): p1 + d (c1 + d (c2 + d c3))."""
-  c1 = -p0 + p2
-  c2 = 2.0 * (p0 - p1) + p2 - p3
-  c3 = -p0 + p1 - p2 + p3
-  return p1 + d * (c1 + d * (c2 + d * c3))
+def _inside_and_sample_points(shape, matrix):
+  """Pillow's affine sampling (Geometry.c) for output pixels (x, y): the input point
+  (a (x + .5) + b (y + .5) + c, d (x + .5) + e (y + .5) + f) in float64, whether it
+  lies in [0, W) x [0, H), and the point in pixel-index units (minus 0.5)."""
+  height, width = shape[0], shape[1]
+  ys = tf.cast(tf.range(height), tf.float64)[:, None] + 0.5
+  xs = tf.cast(tf.range(width), tf.float64)[None, :] + 0.5
+  u = matrix[0] * xs + matrix[1] * ys + matrix[2]
+  v = matrix[3] * xs + matrix[4] * ys + matrix[5]
+  inside = ((u >= 0.0) & (u < tf.cast(width, tf.float64)) & (v >= 0.0)
+            & (v < tf.cast(height, tf.float64)))
+  return inside, u - 0.5, v - 0.5
+
+
+def _bilinear_warp(x, matrix):
+  """Bilinear samples at Pillow's points with edge-clamped neighbours, float32.
+
+  `ImageProjectiveTransformV3` maps output index (x, y) to (a0 x + a1 y + a2, ...);
+  Pillow's point in index units is a x + b y + (c + (a + b) / 2 - 1/2), so the
+  offsets shift by half a pixel. Its "NEAREST" fill mode clamps the point into the
+  image, which for Pillow's domain [-1/2, W - 1/2) equals clamping the neighbours.
+  """
+  shift = 0.5 * (matrix[0] + matrix[1]) - 0.5, 0.5 * (matrix[3] + matrix[4]) - 0.5
+  transform = tf.stack([matrix[0], matrix[1], matrix[2] + shift[0], matrix[3], matrix[4],
+                        matrix[5] + shift[1], tf.constant(0.0, tf.float64),
+                        tf.constant(0.0, tf.float64)])
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=x[None], transforms=tf.cast(transform, tf.float32)[None],
+      output_shape=tf.shape(x)[:2], fill_value=0.0, interpolation="BILINEAR",
+      fill_mode="NEAREST")[0]
+
+
+def _cubic_weights(d):
+  """Pillow's cubic convolution (Geometry.c, a = -1) as weights of the 4 neighbours at
+  offsets -1, 0, 1, 2 from the point's floor, d its fractional part: the Horner form
+  p1 + d (c1 + d (c2 + d c3)) of the docstring of `affine`, expanded per neighbour."""
+  d2, d3 = d * d, d * d * d
+  return tf.stack([-d + 2.0 * d2 - d3, 1.0 - 2.0 * d2 + d3, d + d2 - d3, d3 - d2], axis=-1)
+
+
+def _bicubic_warp(x, u, v):
+  """Bicubic samples at index points (u, v) with edge-clamped neighbours, float32.
+
+  The 4 neighbours in a row are 12 contiguous floats of a table of edge-clamped
+  4-pixel row windows (one per start column -1 .. W-1), so each output pixel gathers
+  4 slices instead of 16 pixels; then one weighted sum.
+  """
+  shape = tf.shape(x)
+  height, width = shape[0], shape[1]
+  u0, v0 = tf.floor(u), tf.floor(v)
+  wx = tf.cast(_cubic_weights(u - u0), tf.float32)  # [H, W, 4]
+  wy = tf.cast(_cubic_weights(v - v0), tf.float32)
+  clamped = tf.gather(x, tf.clip_by_value(tf.range(-2, width + 2), 0, width - 1), axis=1)
+  windows = tf.stack([clamped[:, k:k + width + 1] for k in range(4)], axis=2)  # [H, W+1, 4, 3]
+  start = tf.clip_by_value(tf.cast(u0, tf.int32), -1, width - 1) + 1
+  rows = tf.clip_by_value(tf.cast(v0, tf.int32)[..., None] + tf.range(-1, 3), 0, height - 1)
+  patches = tf.gather(tf.reshape(windows, [-1, 12]), rows * (width + 1) + start[..., None])
+  patches = tf.reshape(patches, tf.concat([tf.shape(rows), [4, 3]], 0))  # [H, W, 4 rows, 4, 3]
+  weights = wy[..., :, None] * wx[..., None, :]
+  return tf.reduce_sum(patches * weights[..., None], axis=[2, 3])
 
 
 def affine(image, matrix, fill: Sequence[int], bicubic=False):
@@ -227,43 +334,23 @@ def affine(image, matrix, fill: Sequence[int], bicubic=False):
   `matrix` (a, b, c, d, e, f) maps output to input coordinates in Pillow's convention
   (pixel centres at +0.5, see the module docstring). Resampling is BILINEAR, or
   BICUBIC where `bicubic` (a Python or a tensor bool): Pillow's cubic convolution with
-  a = -1 over the 4 x 4 edge-clamped neighbours. Computed in float64; the result is
-  clipped to [0, 255] and truncated, as Pillow stores it.
+  a = -1, p1 + d (c1 + d (c2 + d c3)) with c1 = p2 - p0, c2 = 2 (p0 - p1) + p2 - p3,
+  c3 = p1 - p0 - p2 + p3, over the 4 x 4 edge-clamped neighbours. The domain test is
+  float64 as in Pillow; the interpolation is float32 (Pillow: float64), which moves a
+  value by ~1e-4 grey levels, so where Pillow's value lies that close to an integer
+  the truncated result can differ by 1. The result is clipped to [0, 255] and
+  truncated, as Pillow stores it.
   """
+  x = levels(image)
   matrix = tf.cast(tf.convert_to_tensor(matrix), tf.float64)
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  ys = tf.cast(tf.range(height), tf.float64)[:, None] + 0.5
-  xs = tf.cast(tf.range(width), tf.float64)[None, :] + 0.5
-  u = matrix[0] * xs + matrix[1] * ys + matrix[2]
-  v = matrix[3] * xs + matrix[4] * ys + matrix[5]
-  w_f, h_f = tf.cast(width, tf.float64), tf.cast(height, tf.float64)
-  inside = (u >= 0.0) & (u < w_f) & (v >= 0.0) & (v < h_f)
-  u, v = u - 0.5, v - 0.5
-  x0, y0 = tf.floor(u), tf.floor(v)
-  dx, dy = (u - x0)[..., None], (v - y0)[..., None]
-  x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
-  pixels = tf.reshape(tf.cast(image, tf.float64), [-1, 3])
-  column = lambda k: tf.clip_by_value(x0 + k, 0, width - 1)
-  row = lambda k: tf.clip_by_value(y0 + k, 0, height - 1)
-  at = lambda yy, xx: tf.gather(pixels, yy * width + xx)
-
-  def bilinear():
-    top = at(row(0), column(0)) + (at(row(0), column(1)) - at(row(0), column(0))) * dx
-    bottom = at(row(1), column(0)) + (at(row(1), column(1)) - at(row(1), column(0))) * dx
-    return top + (bottom - top) * dy
-
-  def cubic():
-    rows = [_cubic(*[at(row(j), column(k)) for k in (-1, 0, 1, 2)], dx) for j in (-1, 0, 1, 2)]
-    return _cubic(*rows, dy)
-
+  inside, u, v = _inside_and_sample_points(tf.shape(x), matrix)
   if isinstance(bicubic, bool):
-    value = cubic() if bicubic else bilinear()
+    value = _bicubic_warp(x, u, v) if bicubic else _bilinear_warp(x, matrix)
   else:
-    value = tf.cond(tf.cast(bicubic, tf.bool), cubic, bilinear)
-  fill = tf.broadcast_to(tf.constant(fill, tf.float64), tf.shape(value))
-  out = tf.where(inside[..., None], tf.floor(tf.clip_by_value(value, 0.0, 255.0)), fill)
-  return tf.cast(out, tf.uint8)
+    value = tf.cond(tf.cast(bicubic, tf.bool), lambda: _bicubic_warp(x, u, v),
+                    lambda: _bilinear_warp(x, matrix))
+  fill = tf.constant(fill, tf.float32) * tf.ones_like(x)
+  return _like(tf.where(inside[..., None], _truncate(value), fill), image)
 
 
 def rotation_matrix(degrees, height, width):
