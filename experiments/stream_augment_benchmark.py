@@ -61,23 +61,23 @@ CHAINS = ("decode+crop", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT c
 def _load_fn(chain: str, image_size: int):
   """(index, path) -> normalised float32 image, for one of `CHAINS`.
 
-  "decode+crop" is `image_folder`'s decode then RandomResizedCrop (no padding), the
+  "decode+crop" is `split_lists`'s decode then RandomResizedCrop (no padding), the
   floor any chain pays; the others decode only the crop window of the reflect-padded
   image (`color_randaugment.train_augment_encoded`), then flip, ColorJitter and, for
   ImageNet-LT, RandAugment.
   """
   from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
-  from dnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  from dnet_jax.data import split_lists  # pylint: disable=import-outside-toplevel
 
   tf = color_randaugment.tf
-  mean = tf.constant(image_folder.IMAGENET_MEAN, tf.float32) * 255.0
-  std = tf.constant(image_folder.IMAGENET_STD, tf.float32) * 255.0
+  mean = tf.constant(split_lists.IMAGENET_MEAN, tf.float32) * 255.0
+  std = tf.constant(split_lists.IMAGENET_STD, tf.float32) * 255.0
 
   def load(index, path):
     data = tf.io.read_file(path)
     seed = tf.stack([tf.constant(0, tf.int64), index])
     if chain == "decode+crop":
-      image = image_folder.random_resized_crop(image_folder.decode_image(data), seed, image_size)
+      image = split_lists.random_resized_crop(split_lists.decode_image(data), seed, image_size)
     elif chain.endswith("decode+pad+crop"):
       image = color_randaugment.decode_padded_random_resized_crop(
           data, seed, image_size, crop_before_decode=chain.startswith("crop-"))

@@ -216,10 +216,10 @@ def test_train_augment_is_a_function_of_the_seed_inside_tf_data():
 
 
 def _padded_crop_reference(image, seed, size):
-  """numpy reflect padding (torch's "reflect"), then image_folder's crop, rounded."""
-  from dnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  """numpy reflect padding (torch's "reflect"), then split_lists's crop, rounded."""
+  from dnet_jax.data import split_lists  # pylint: disable=import-outside-toplevel
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-  resized = image_folder.random_resized_crop(padded, seed, size).numpy()
+  resized = split_lists.random_resized_crop(padded, seed, size).numpy()
   return np.clip(np.round(resized), 0, 255)
 
 

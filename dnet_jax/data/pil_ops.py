@@ -34,10 +34,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from dnet_jax.data import image_folder
+from dnet_jax.data import split_lists
 
 # TensorFlow with the accelerators hidden from it (JAX owns them).
-tf = image_folder._tf()  # pylint: disable=protected-access
+tf = split_lists._tf()  # pylint: disable=protected-access
 
 # ITU-R 601-2 luma in Pillow's fixed point (Convert.c, "L24"): weights / 2^16.
 _LUMA_WEIGHTS = (19595, 38470, 7471)
