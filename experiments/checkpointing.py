@@ -243,6 +243,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
+    self._max_to_keep = max_to_keep
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
         # A save interrupted by a kill leaves a *.orbax-checkpoint-tmp directory behind;
@@ -301,13 +302,26 @@ class Checkpointer:
     """Renames every incomplete step directory to `<step>.incomplete[-n]`; returns the new paths.
 
     Nothing is deleted: the directory stays for inspection, and its step can be saved again.
+    The one exception is the leftover of orbax's own `max_to_keep` removal (a process stopped
+    while orbax deleted an old checkpoint): an incomplete step older than `max_to_keep`
+    complete newer ones, which orbax was removing anyway; it is removed with a warning.
     """
     moved = []
-    for step in self.all_steps():
+    steps = self.all_steps()
+    complete = [step for step in steps if self.incomplete_reason(step) is None]
+    for step in steps:
       reason = self.incomplete_reason(step)
       if reason is None:
         continue
       source = self.step_path(step)
+      newer = sum(1 for s in complete if s > step)
+      if self._max_to_keep and newer >= self._max_to_keep:
+        shutil.rmtree(source)
+        logging.warning("Removed %s: a partly deleted old checkpoint (%s) that orbax was "
+                        "removing because max_to_keep=%d newer checkpoints exist.", source,
+                        reason, self._max_to_keep)
+        moved.append(source)
+        continue
       target, n = f"{source}.incomplete", 1
       while os.path.exists(target):
         n += 1
