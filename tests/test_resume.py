@@ -369,6 +369,29 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(finished_r
   assert listing(workdir) == before
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_array_file_through_the_command_line_is_one_short_message(finished_run,
+                                                                             tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "11")
+  path = largest_array_file(step_dir)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  command = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits_lt.py",
+             f"--workdir={workdir}", "--config.method=ce", "--config.num_epochs=2",
+             "--config.max_steps=18", "--config.progress_bar=False"]
+  proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) < 40, proc.stderr[-3000:]  # not ~1,380 lines of TensorStore specs
+  assert lines[-2].startswith(f"CheckpointError: Checkpoint {step_dir} cannot be read: ")
+  assert lines[-1] == f"(full traceback in {workdir}/run.log)"
+  assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("override,match", [
     ({"model": "small_cnn_nobn"}, r"model: 'small_cnn' in the checkpoint, 'small_cnn_nobn' now"),
     ({"method": "cdb"}, r"method: 'ce' in the checkpoint, 'cdb' now"),
