@@ -502,6 +502,11 @@ def test_cifar_pickle_errors(tmp_path):
   (folder / "data_batch_3").write_bytes(py2_pickle({b"labels": [1, 2]}))
   with pytest.raises(ValueError, match="expected a dict with keys b'data'"):
     dd.load_source("cifar_pickle", name="cifar10", data_dir=tmp_path)
+  (folder / "data_batch_3").write_bytes(py2_pickle(
+      {b"labels": [1, 12], b"data": np.zeros((2, 3072), np.uint8)}))
+  with pytest.raises(ValueError, match=r"data_batch_3': 1 label\(s\) in b'labels' outside "
+                                       r"\[0, 10\): 12; the file is damaged"):
+    dd.load_source("cifar_pickle", name="cifar10", data_dir=tmp_path)
   os.remove(folder / "test_batch")
   (folder / "data_batch_3").write_bytes(b"not a pickle")
   with pytest.raises(ValueError, match="not a readable CIFAR pickle"):

@@ -230,8 +230,8 @@ def _cifar_dir(name: str, data_dir: str | os.PathLike) -> str:
       f"extract it into {data_dir!r}.")
 
 
-def _read_cifar_batch(path: str, label_key: bytes):
-  """One CIFAR pickle -> (uint8 NHWC images, int64 labels).
+def _read_cifar_batch(path: str, label_key: bytes, num_classes: int):
+  """One CIFAR pickle -> (uint8 NHWC images, int64 labels in [0, num_classes)).
 
   The pickles store each image as 3,072 bytes: the 1,024 red, then green,
   then blue values of the 32x32 image, rows first (CHW); reshaped to HWC.
@@ -251,10 +251,13 @@ def _read_cifar_batch(path: str, label_key: bytes):
         f"{path!r} is not a CIFAR batch: expected a dict with keys b'data' "
         f"and {label_key!r}, found {found}.")
   data = np.asarray(batch[b"data"])
-  try:
-    labels = _int64_labels(batch[label_key], f"{path!r}: {label_key!r}")
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{e}" if path in str(e) else f"{path!r}: {e}") from e
+  labels = _int64_labels(batch[label_key], f"{path!r}: {label_key!r}")
+  outside = labels[(labels < 0) | (labels >= num_classes)]
+  if outside.size:
+    raise ValueError(
+        f"{path!r}: {outside.size} label(s) in {label_key!r} outside [0, "
+        f"{num_classes}): {', '.join(str(v) for v in np.unique(outside)[:5])}; "
+        "the file is damaged or from another data set: download it again.")
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
     raise ValueError(
         f"{path!r}: b'data' must be a (N, 3072) uint8 array, got "
@@ -280,7 +283,7 @@ def load_cifar_pickle_source(
   _, train_files, test_files, label_key, num_classes, _ = _CIFAR_LAYOUTS[name]
 
   def read(files):
-    parts = [_read_cifar_batch(os.path.join(root, f), label_key)
+    parts = [_read_cifar_batch(os.path.join(root, f), label_key, num_classes)
              for f in files]
     return (np.concatenate([p[0] for p in parts]),
             np.concatenate([p[1] for p in parts]))
