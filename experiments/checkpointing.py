@@ -207,9 +207,10 @@ def _disk_problem(error: BaseException) -> str:
   return "check the free space and permissions of the workdir"
 
 
-def check_writable(directory: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+def check_writable(directory: str, min_free_bytes: int = MIN_FREE_BYTES,
+                   outcome: str = "Nothing was started and nothing was deleted.") -> None:
   """Raises CheckpointError (exit 3) unless `directory` (created if missing) can be written
-  and its file system has `min_free_bytes` free."""
+  and its file system has `min_free_bytes` free; `outcome` ends the message."""
   probe = os.path.join(directory, f".write-probe-{os.getpid()}")
   try:
     os.makedirs(directory, exist_ok=True)
@@ -221,7 +222,7 @@ def check_writable(directory: str, min_free_bytes: int = MIN_FREE_BYTES) -> None
   except OSError as e:
     raise CheckpointError(
         f"Cannot write to {directory} ({e.strerror or e}): {_disk_problem(e)}, or pass another "
-        "--workdir. Nothing was started and nothing was deleted.") from None
+        f"--workdir. {outcome}") from None
   free = shutil.disk_usage(directory).free
   if free < min_free_bytes:
     raise CheckpointError(
@@ -427,7 +428,12 @@ class Checkpointer:
       self._digest_error = (step, e)
 
   def _check_space(self, step: int, state_bytes: int) -> None:
-    """CheckpointError unless the checkpoint (twice the state, for orbax's temporary copy) fits."""
+    """CheckpointError unless the directory is writable and the checkpoint (twice the state,
+    for orbax's temporary copy) fits. Checked before every save: orbax itself would wait out
+    its async timeout (300 s) on a directory that became read-only."""
+    if jax.process_index() == 0:
+      check_writable(self.directory, min_free_bytes=0,
+                     outcome=f"Checkpoint {self.step_path(step)} was not saved; {self._kept()}.")
     needed = 2 * state_bytes + 2**20
     free = shutil.disk_usage(self.directory).free
     if free < needed:

@@ -212,6 +212,19 @@ def test_an_unwritable_checkpoint_directory_is_refused_at_start(tmp_path, monkey
                            r"another --workdir\. Nothing was started") as raised:
     checkpointing.check_writable(str(tmp_path / "checkpoints"))
   assert raised.value.exit_code == 3
+  monkeypatch.undo()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  try:  # a directory that becomes read-only during the run: refused before orbax writes
+    monkeypatch.setattr(checkpointing, "open", read_only, raising=False)
+    with pytest.raises(errors.CheckpointError,
+                       match=r"^Cannot write to .*checkpoints \(Read-only file system\): .* "
+                             r"Checkpoint .*checkpoints/3 was not saved; no checkpoint was "
+                             r"completed\.$"):
+      checkpointer.save(3, {"w": jnp.ones((4,))}, {"step": 3})
+    monkeypatch.undo()
+    assert checkpointer.all_steps() == []
+  finally:
+    checkpointer.close()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
