@@ -12,10 +12,10 @@ One checkpoint (in `<workdir>/checkpoints/<step>/`) holds three items:
     fingerprint), the dnet_jax version.
 Beside them, `digests/<step>.json` holds a SHA-256 of every state array's
 bytes, computed by a background thread so that a save costs the training
-thread only the copy of the state to the host, and under the key
-`LOOP_DIGEST_KEY` the SHA-256 of the "loop" record (canonical JSON), which
-`restore_loop` checks: the bookkeeping a resume reads (history, best epoch,
-position) is verified like the arrays.
+thread only the copy of the state to the host; `digests/<step>-loop.json`
+holds the SHA-256 of the "loop" record (canonical JSON), which every restore
+checks: the bookkeeping a resume reads (history, best epoch, position) is
+verified like the arrays.
 
 Writing: `check_writable(directory)` (called at start-up) creates and removes
 a probe file and checks the free space, so a read-only or full checkpoint
@@ -80,7 +80,7 @@ FORMAT_VERSION = 3
 # Files orbax 0.12.8 writes into a step directory just before renaming it into place.
 _ORBAX_COMMIT_FILE = "commit_success.txt"
 _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
-LOOP_DIGEST_KEY = "__loop__"  # digests/<step>.json: the SHA-256 of the "loop" record
+LOOP_DIGEST_SUFFIX = "-loop.json"  # digests/<step>-loop.json: {"sha256": <the loop record's>}
 # Free space a run needs at start-up (a checkpoint also needs twice its state's size: `save`).
 MIN_FREE_BYTES = 64 * 2**20
 # The fields of the meta record that must equal the resuming run's.
@@ -415,15 +415,33 @@ class Checkpointer:
   def _digests_path(self, step: int) -> str:
     return os.path.join(self.directory, _DIGESTS, f"{int(step)}.json")
 
+  def _loop_digest_path(self, step: int) -> str:
+    return os.path.join(self.directory, _DIGESTS, f"{int(step)}{LOOP_DIGEST_SUFFIX}")
+
+  def read_loop_digest(self, step: int) -> str | None:
+    """The SHA-256 of checkpoint `step`'s loop record, or None if none was recorded."""
+    self._join_digest_threads()
+    path = self._loop_digest_path(step)
+    try:
+      with open(path, encoding="utf-8") as f:
+        return str(json.load(f)["sha256"])
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"Cannot read the checksum of the bookkeeping of checkpoint "
+                            f"{self.step_path(step)} ({path}): {e}. {self._advice(step)}") from e
+
   def _write_digests(self, step: int, host_state, loop_sha: str) -> None:
     """Background thread: the SHA-256 of every array and of the loop record, written
     atomically; a failure (full disk) is kept for `poll` / `wait_until_finished` to raise."""
     try:
       os.makedirs(os.path.join(self.directory, _DIGESTS), exist_ok=True)
       path = self._digests_path(step)
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({**state_digests(host_state), LOOP_DIGEST_KEY: loop_sha}, f)
-      os.replace(path + ".tmp", path)
+      for target, record in ((self._loop_digest_path(step), {"sha256": loop_sha}),
+                             (path, state_digests(host_state))):
+        with open(target + ".tmp", "w", encoding="utf-8") as f:
+          json.dump(record, f)
+        os.replace(target + ".tmp", target)
     except OSError as e:
       self._digest_error = (step, e)
 
@@ -554,7 +572,6 @@ class Checkpointer:
       logging.warning("Checkpoint %s has no recorded checksums; its arrays are not verified.",
                       path)
       return state, dict(restored[_LOOP])
-    recorded = {k: v for k, v in recorded.items() if k != LOOP_DIGEST_KEY}
     actual = state_digests(host_state)
     wrong = sorted(name for name in set(recorded) | set(actual)
                    if recorded.get(name) != actual.get(name))
@@ -582,7 +599,7 @@ class Checkpointer:
 
   def _verify_loop(self, step: int, loop: dict) -> None:
     """CheckpointError if the loop record differs from the SHA-256 recorded when it was saved."""
-    recorded = (self.read_digests(step) or {}).get(LOOP_DIGEST_KEY)
+    recorded = self.read_loop_digest(step)
     if recorded is None:  # saved before the checksums were written (the process died)
       logging.warning("Checkpoint %s has no recorded checksum of its bookkeeping; it is not "
                       "verified.", self.step_path(step))
@@ -619,7 +636,8 @@ class Checkpointer:
     directory = os.path.join(self.directory, _DIGESTS)
     if jax.process_index() != 0 or not os.path.isdir(directory):
       return
-    kept = {f"{step}.json" for step in self._manager.all_steps()}
+    kept = {f"{step}{suffix}" for step in self._manager.all_steps()
+            for suffix in (".json", LOOP_DIGEST_SUFFIX)}
     for name in os.listdir(directory):
       if name.endswith(".json") and name not in kept:
         os.remove(os.path.join(directory, name))

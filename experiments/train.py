@@ -118,18 +118,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraryInfo())
-  from experiments import preemption  # pylint: disable=g-import-not-at-top
-  # From here on a SIGTERM / SIGINT is a flag read at safe points, not a kill. The handler stays
-  # installed until the process exits, so a second notice while it shuts down (after "Preempted"
-  # was printed) cannot turn exit 75 into a kill.
-  stop = preemption.StopSignal().__enter__()  # pylint: disable=unnecessary-dunder-call
-  return _main(stop)
-
-
-def _main(stop) -> int:
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   import jax  # pylint: disable=g-import-not-at-top
   _initialize_distributed()  # before any other import or call can touch a device
+  from experiments import preemption  # pylint: disable=g-import-not-at-top
+  # From here on a SIGTERM / SIGINT is a flag read at safe points, not a kill (one process; with
+  # several, JAX's runtime handles SIGTERM and the loop asks it). The handler stays installed
+  # until the process exits, so a second notice while it shuts down (after "Preempted" was
+  # printed) cannot turn exit 75 into a kill.
+  stop = preemption.StopSignal().__enter__()  # pylint: disable=unnecessary-dunder-call
+  return _main(jax, stop)
+
+
+def _main(jax, stop) -> int:
   from experiments import checkpointing  # pylint: disable=g-import-not-at-top
   from experiments import errors  # pylint: disable=g-import-not-at-top
   from experiments import preemption  # pylint: disable=g-import-not-at-top
@@ -140,12 +141,12 @@ def _main(stop) -> int:
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   handler = _log_to_workdir(workdir) if jax.process_index() == 0 else None
+  def check_writable():  # in process 0 before it locks; a failure stops every process
+    checkpointing.check_writable(workdir)
+    checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
+
   try:
-    if jax.process_index() == 0:
-      checkpointing.check_writable(workdir)
-    with workdir_lock.hold(workdir, process_index=jax.process_index()):
-      if jax.process_index() == 0:
-        checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
+    with workdir_lock.hold(workdir, process_index=jax.process_index(), check=check_writable):
       preemption.raise_if_requested("during start-up")
       if config.get("stage", 1) == 2:  # classifier re-training (experiments/stage2.py)
         from experiments import stage2  # pylint: disable=g-import-not-at-top
@@ -196,7 +197,7 @@ def _parse_flags(argv):
     hint = (f"No field {text!r} in the config: check the spelling of {', '.join(overrides)} "
             "against experiments/configs/base.py (every field is documented there)"
             if isinstance(cause, (AttributeError, KeyError)) else
-            f"{type(cause).__name__}: {text}. Check the flags (python -m experiments.train "
+            f"{type(cause).__name__}: {text.rstrip('.')}. Check the flags (python -m experiments.train "
             "--helpfull) and the --config.<field>=<value> overrides against "
             "experiments/configs/base.py")
     print(f"InvalidInputError: the command line cannot be applied. {hint}. Nothing was "

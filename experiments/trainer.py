@@ -47,7 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the results dictionary that is also written to `workdir/results.json`
   (see `reporting.build_results`). Raises `errors.InvalidInputError` (config or
   data; before any compilation), `errors.CheckpointError`, `errors.NonFiniteError`,
-  `errors.Preempted` (SIGTERM; a checkpoint was saved, call again to continue).
+  `errors.Preempted` (SIGTERM or SIGINT; a checkpoint was saved, or the signal came before
+  training started: call again to continue).
   """
   validation.validate_config(config, jax.device_count())
   dataset = datasets.load(config)

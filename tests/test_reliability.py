@@ -354,10 +354,7 @@ def resumable_config():
 
 def final_digests(workdir, step):
   with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-    digests = checkpointer.read_digests(step)
-  # The bookkeeping's checksum covers wall times, which differ between runs; the arrays' do not.
-  digests.pop(checkpointing.LOOP_DIGEST_KEY)
-  return digests
+    return checkpointer.read_digests(step)
 
 
 COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",
