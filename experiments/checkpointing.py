@@ -17,14 +17,17 @@ holds the SHA-256 of the "loop" record (canonical JSON), which every restore
 checks: the bookkeeping a resume reads (history, best epoch, position) is
 verified like the arrays.
 
-Writing: `check_writable(directory)` (called at start-up) creates and removes
-a probe file and checks the free space, so a read-only or full checkpoint
-directory is an exit-3 message at once rather than a failed save later (a
-save into a read-only directory makes orbax wait out its async timeout,
-300 s). A save that fails anyway (ENOSPC, EIO, ...) is turned into a
-`CheckpointError` (exit 3) as soon as the background write reports it:
-`poll()` is called at every log step, and every later save, wait and close
-checks too.
+Writing: `check_writable(directory)` (at start-up, and before every save)
+creates and removes a probe file and checks the free space, so a read-only
+or full checkpoint directory is an exit-3 message at once. Without it a save
+into a read-only directory stalls: orbax 0.12.8 creates the step directory
+in the background (`AsyncOptions.create_directories_asynchronously`), and
+its item writers wait for that creation's completion signal up to its
+coordination timeout (`multihost._DEFAULT_BARRIER_TIMEOUT`, 300 s), the
+~300 s hang seen with a read-only `checkpoints/`. A save that fails anyway
+(ENOSPC, EIO, ...) is turned into a `CheckpointError` (exit 3) as soon as
+the background write reports it: `poll()` is called at every log step, and
+every later save, wait and close checks too.
 Together they are everything a resumed run needs: data order and meta batches
 are functions of (seed, epoch / step), and step keys come from the state.
 
@@ -448,7 +451,7 @@ class Checkpointer:
   def _check_space(self, step: int, state_bytes: int) -> None:
     """CheckpointError unless the directory is writable and the checkpoint (twice the state,
     for orbax's temporary copy) fits. Checked before every save: orbax itself would wait out
-    its async timeout (300 s) on a directory that became read-only."""
+    its 300 s coordination timeout on a directory that became read-only (module docstring)."""
     if jax.process_index() == 0:
       check_writable(self.directory, min_free_bytes=0,
                      outcome=f"Checkpoint {self.step_path(step)} was not saved; {self._kept()}.")
