@@ -129,17 +129,3 @@ def test_an_unknown_config_field_is_one_message_and_exit_2(tmp_path):
       "InvalidInputError: the command line cannot be applied. No field 'nonexistent_field' in "
       "the config: check the spelling of --config.nonexistent_field against "
       "experiments/configs/base.py (every field is documented there). Nothing was started."]
-
-
-def test_a_user_mistake_prints_no_traceback_and_logs_it_in_the_workdir(tmp_path):
-  workdir = tmp_path / "run"
-  proc = subprocess.run(_command(workdir, "--config.learning_rate=-0.1"), cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert "InvalidInputError: learning_rate=-0.1 is out of range" in proc.stderr
-  assert f"(full traceback in {workdir / 'run.log'})" in proc.stderr
-  assert "Traceback" not in proc.stderr
-  with open(workdir / "run.log", encoding="utf-8") as f:
-    log = f.read()
-  assert "InvalidInputError (exit 2):\nTraceback (most recent call last):" in log
-  assert "validation.py" in log  # where it was raised

@@ -314,3 +314,10 @@ def test_command_line_exits_2_with_the_message_and_no_traceback(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "InvalidInputError: data.imbalance_factor must be >= 1" in proc.stderr
   assert "Traceback" not in proc.stderr
+  # The traceback goes to the workdir's log, not the terminal.
+  log_path = tmp_path / "cli" / "run.log"
+  assert f"(full traceback in {log_path})" in proc.stderr
+  with open(log_path, encoding="utf-8") as f:
+    log = f.read()
+  assert "InvalidInputError (exit 2):\nTraceback (most recent call last):" in log
+  assert "validation.py" in log  # where it was raised
