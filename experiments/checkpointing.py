@@ -12,7 +12,22 @@ One checkpoint (in `<workdir>/checkpoints/<step>/`) holds three items:
     fingerprint), the dnet_jax version.
 Beside them, `digests/<step>.json` holds a SHA-256 of every state array's
 bytes, computed by a background thread so that a save costs the training
-thread only the copy of the state to the host.
+thread only the copy of the state to the host; `digests/<step>-loop.json`
+holds the SHA-256 of the "loop" record (canonical JSON), which every restore
+checks: the bookkeeping a resume reads (history, best epoch, position) is
+verified like the arrays.
+
+Writing: `check_writable(directory)` (at start-up, and before every save)
+creates and removes a probe file and checks the free space, so a read-only
+or full checkpoint directory is an exit-3 message at once. Without it a save
+into a read-only directory stalls: orbax 0.12.8 creates the step directory
+in the background (`AsyncOptions.create_directories_asynchronously`), and
+its item writers wait for that creation's completion signal up to its
+coordination timeout (`multihost._DEFAULT_BARRIER_TIMEOUT`, 300 s), the
+~300 s hang seen with a read-only `checkpoints/`. A save that fails anyway
+(ENOSPC, EIO, ...) is turned into a `CheckpointError` (exit 3) as soon as
+the background write reports it: `poll()` is called at every log step, and
+every later save, wait and close checks too.
 Together they are everything a resumed run needs: data order and meta batches
 are functions of (seed, epoch / step), and step keys come from the state.
 
@@ -41,6 +56,8 @@ two more checks here:
 
 from __future__ import annotations
 
+import errno
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +83,9 @@ FORMAT_VERSION = 3
 # Files orbax 0.12.8 writes into a step directory just before renaming it into place.
 _ORBAX_COMMIT_FILE = "commit_success.txt"
 _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
+LOOP_DIGEST_SUFFIX = "-loop.json"  # digests/<step>-loop.json: {"sha256": <the loop record's>}
+# Free space a run needs at start-up (a checkpoint also needs twice its state's size: `save`).
+MIN_FREE_BYTES = 64 * 2**20
 # The fields of the meta record that must equal the resuming run's.
 IDENTITY_FIELDS = ("model", "num_classes", "method", "image_shape")
 
@@ -168,6 +188,52 @@ def compatibility_problems(saved: dict, expected: dict) -> list[str]:
   return problems
 
 
+def loop_digest(loop: dict) -> str:
+  """SHA-256 of a loop record as JSON with sorted keys (what orbax's JsonSave round-trips)."""
+  canonical = json.dumps(json.loads(json.dumps(loop)), sort_keys=True, allow_nan=True)
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree)))
+
+
+def _disk_problem(error: BaseException) -> str:
+  """What a failed write means for the user (full disk, read-only, ...), from its errno."""
+  while error.__cause__ is not None and not isinstance(error, OSError):
+    error = error.__cause__
+  code = getattr(error, "errno", None)
+  if code == errno.ENOSPC or "No space left" in str(error):
+    return "the disk is full: free space on it"
+  if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+    return "the directory is read-only or not writable: fix its permissions"
+  return "check the free space and permissions of the workdir"
+
+
+def check_writable(directory: str, min_free_bytes: int = MIN_FREE_BYTES,
+                   outcome: str = "Nothing was started and nothing was deleted.") -> None:
+  """Raises CheckpointError (exit 3) unless `directory` (created if missing) can be written
+  and its file system has `min_free_bytes` free; `outcome` ends the message."""
+  probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"probe")
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(
+        f"Cannot write to {directory} ({e.strerror or e}): {_disk_problem(e)}, or pass another "
+        f"--workdir. {outcome}") from None
+  free = shutil.disk_usage(directory).free
+  if free < min_free_bytes:
+    raise CheckpointError(
+        f"Only {free / 2**20:.1f} MiB are free on the file system of {directory} (a run needs at "
+        f"least {min_free_bytes / 2**20:.0f} MiB for its checkpoints and results): free space "
+        "or pass another --workdir. Nothing was started.")
+
+
 # ---------------------------------------------------------------------------- the checkpointer
 
 
@@ -181,6 +247,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
+    self._max_to_keep = max_to_keep
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
         # A save interrupted by a kill leaves a *.orbax-checkpoint-tmp directory behind;
@@ -189,6 +256,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._warned: set[int] = set()
     self._digest_threads: list[threading.Thread] = []
+    self._digest_error: tuple[int, OSError] | None = None
+    self._last_saved: int | None = None  # the step of the newest save handed to orbax
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(int(step)))
@@ -229,7 +298,7 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None (waits for a save in progress)."""
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     complete = self.complete_steps()
     return complete[-1] if complete else None
 
@@ -237,13 +306,26 @@ class Checkpointer:
     """Renames every incomplete step directory to `<step>.incomplete[-n]`; returns the new paths.
 
     Nothing is deleted: the directory stays for inspection, and its step can be saved again.
+    The one exception is the leftover of orbax's own `max_to_keep` removal (a process stopped
+    while orbax deleted an old checkpoint): an incomplete step older than `max_to_keep`
+    complete newer ones, which orbax was removing anyway; it is removed with a warning.
     """
     moved = []
-    for step in self.all_steps():
+    steps = self.all_steps()
+    complete = [step for step in steps if self.incomplete_reason(step) is None]
+    for step in steps:
       reason = self.incomplete_reason(step)
       if reason is None:
         continue
       source = self.step_path(step)
+      newer = sum(1 for s in complete if s > step)
+      if self._max_to_keep and newer >= self._max_to_keep:
+        shutil.rmtree(source)
+        logging.warning("Removed %s: a partly deleted old checkpoint (%s) that orbax was "
+                        "removing because max_to_keep=%d newer checkpoints exist.", source,
+                        reason, self._max_to_keep)
+        moved.append(source)
+        continue
       target, n = f"{source}.incomplete", 1
       while os.path.exists(target):
         n += 1
@@ -311,16 +393,24 @@ class Checkpointer:
     # writes, and several processes cannot save host-local jax.Arrays ("Cannot serialize
     # host local jax.Array in multi-host setting"): process 0 writes it, all join the barriers.
     host_state = jax.device_get(state)
+    self._check_space(step, _nbytes(host_state))
     shapes = state_shapes(host_state)
     meta = {**(identity or {}), "format": FORMAT_VERSION, "step": int(step),
             "dnet_jax_version": dnet_jax.__version__, "state_shapes": shapes,
             "state_fingerprint": shapes_fingerprint(shapes)}
-    saved = self._manager.save(int(step), args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(host_state), _LOOP: ocp.args.JsonSave(loop),
-           _META: ocp.args.JsonSave(meta)}))
+    with self._writing(step):
+      if self._last_saved is not None:
+        # orbax would wait for the previous (background) save here anyway; a failure of it is
+        # reported under that save's step.
+        with self._writing(self._last_saved):
+          self._manager.wait_until_finished()
+      self._last_saved = int(step)
+      saved = self._manager.save(int(step), args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardSave(host_state), _LOOP: ocp.args.JsonSave(loop),
+             _META: ocp.args.JsonSave(meta)}))
     if saved and jax.process_index() == 0:
-      thread = threading.Thread(target=self._write_digests, args=(int(step), host_state),
-                                daemon=True)
+      thread = threading.Thread(target=self._write_digests,
+                                args=(int(step), host_state, loop_digest(loop)), daemon=True)
       thread.start()
       self._digest_threads.append(thread)
     return saved
@@ -328,13 +418,82 @@ class Checkpointer:
   def _digests_path(self, step: int) -> str:
     return os.path.join(self.directory, _DIGESTS, f"{int(step)}.json")
 
-  def _write_digests(self, step: int, host_state) -> None:
-    """Background thread: the SHA-256 of every array, written atomically."""
-    os.makedirs(os.path.join(self.directory, _DIGESTS), exist_ok=True)
-    path = self._digests_path(step)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(state_digests(host_state), f)
-    os.replace(path + ".tmp", path)
+  def _loop_digest_path(self, step: int) -> str:
+    return os.path.join(self.directory, _DIGESTS, f"{int(step)}{LOOP_DIGEST_SUFFIX}")
+
+  def read_loop_digest(self, step: int) -> str | None:
+    """The SHA-256 of checkpoint `step`'s loop record, or None if none was recorded."""
+    self._join_digest_threads()
+    path = self._loop_digest_path(step)
+    try:
+      with open(path, encoding="utf-8") as f:
+        return str(json.load(f)["sha256"])
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"Cannot read the checksum of the bookkeeping of checkpoint "
+                            f"{self.step_path(step)} ({path}): {e}. {self._advice(step)}") from e
+
+  def _write_digests(self, step: int, host_state, loop_sha: str) -> None:
+    """Background thread: the SHA-256 of every array and of the loop record, written
+    atomically; a failure (full disk) is kept for `poll` / `wait_until_finished` to raise."""
+    try:
+      os.makedirs(os.path.join(self.directory, _DIGESTS), exist_ok=True)
+      path = self._digests_path(step)
+      for target, record in ((self._loop_digest_path(step), {"sha256": loop_sha}),
+                             (path, state_digests(host_state))):
+        with open(target + ".tmp", "w", encoding="utf-8") as f:
+          json.dump(record, f)
+        os.replace(target + ".tmp", target)
+    except OSError as e:
+      self._digest_error = (step, e)
+
+  def _check_space(self, step: int, state_bytes: int) -> None:
+    """CheckpointError unless the directory is writable and the checkpoint (twice the state,
+    for orbax's temporary copy) fits. Checked before every save: orbax itself would wait out
+    its 300 s coordination timeout on a directory that became read-only (module docstring)."""
+    if jax.process_index() == 0:
+      check_writable(self.directory, min_free_bytes=0,
+                     outcome=f"Checkpoint {self.step_path(step)} was not saved; {self._kept()}.")
+    needed = 2 * state_bytes + 2**20
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise CheckpointError(
+          f"Not enough free space to save checkpoint {self.step_path(step)}: {free / 2**20:.1f} "
+          f"MiB free, {needed / 2**20:.1f} MiB needed. Free space and rerun the same command; "
+          f"{self._kept()}.")
+
+  def _kept(self) -> str:
+    complete = [s for s in self.all_steps() if self.incomplete_reason(s) is None]
+    return (f"the newest complete checkpoint, {self.step_path(complete[-1])}, is kept and the "
+            "rerun resumes from it" if complete else "no checkpoint was completed")
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns a failed write (orbax's, reported late by its background thread) into a
+    CheckpointError (exit 3) naming the cause, instead of a page of orbax traceback."""
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      what = f"checkpoint {self.step_path(step)}" if step is not None else "a checkpoint"
+      raise CheckpointError(
+          f"Saving {what} in {self.directory} failed: {_first_line(e)}. {_disk_problem(e)}, "
+          f"then rerun the same command; {self._kept()}.") from e
+    if self._digest_error is not None:
+      failed_step, error = self._digest_error
+      self._digest_error = None
+      raise CheckpointError(
+          f"Writing the checksums of checkpoint {self.step_path(failed_step)} failed: "
+          f"{error.strerror or error}. {_disk_problem(error)}, then rerun the same command; "
+          f"{self._kept()}.")
+
+  def poll(self) -> None:
+    """Raises CheckpointError if a background save has failed (cheap: never waits)."""
+    if not self._manager.is_saving_in_progress():
+      with self._writing(self._last_saved):
+        self._manager.wait_until_finished()
 
   def read_digests(self, step: int) -> dict[str, str] | None:
     """The SHA-256 of every array of checkpoint `step`, or None if none was recorded."""
@@ -359,7 +518,7 @@ class Checkpointer:
     The old version is renamed to `<step>.replaced` first and removed only once the new
     one is complete; `recover_replaced` puts it back if the process died in between.
     """
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     old, aside = self.step_path(step), self.step_path(step) + ".replaced"
     main = jax.process_index() == 0  # on shared storage one process renames, all then save
     if main and os.path.isdir(old):
@@ -367,7 +526,7 @@ class Checkpointer:
     _sync_processes("checkpoint_replace_aside")
     self._manager.reload()
     saved = self.save(step, state, loop, identity)
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     if main and saved and self.incomplete_reason(step) is None and os.path.isdir(aside):
       shutil.rmtree(aside)
     return saved
@@ -424,7 +583,9 @@ class Checkpointer:
           f"Checkpoint {path} is corrupt: array(s) {', '.join(wrong[:5])}"
           f"{', ...' if len(wrong) > 5 else ''} differ from the checksums recorded when it was "
           f"saved. {self._advice(step)}")
-    return state, dict(restored[_LOOP])
+    loop = dict(restored[_LOOP])
+    self._verify_loop(step, loop)
+    return state, loop
 
   def restore_loop(self, step: int) -> dict[str, Any]:
     """Only the bookkeeping of checkpoint `step` (enough to report a finished run)."""
@@ -435,7 +596,23 @@ class Checkpointer:
       raise CheckpointError(
           f"Checkpoint {self.step_path(step)} cannot be read: {_first_line(e)}. "
           f"{self._advice(step)}") from e
-    return dict(restored[_LOOP])
+    loop = dict(restored[_LOOP])
+    self._verify_loop(step, loop)
+    return loop
+
+  def _verify_loop(self, step: int, loop: dict) -> None:
+    """CheckpointError if the loop record differs from the SHA-256 recorded when it was saved."""
+    recorded = self.read_loop_digest(step)
+    if recorded is None:  # saved before the checksums were written (the process died)
+      logging.warning("Checkpoint %s has no recorded checksum of its bookkeeping; it is not "
+                      "verified.", self.step_path(step))
+      return
+    if loop_digest(loop) != recorded:
+      raise CheckpointError(
+          f"Checkpoint {self.step_path(step)} is corrupt: its bookkeeping "
+          f"({os.path.join(self.step_path(step), _LOOP)}: history, best-validation record, "
+          "position in the data) differs from the checksum recorded when it was saved. "
+          f"{self._advice(step)}")
 
   def _advice(self, step: int) -> str:
     older = [s for s in self.complete_steps() if s < step]
@@ -445,20 +622,25 @@ class Checkpointer:
     return f"Nothing was deleted; {previous}, or use a new --workdir."
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
-    self._join_digest_threads()
+    with self._writing(self._last_saved):
+      self._manager.wait_until_finished()
+      self._join_digest_threads()
 
   def close(self) -> None:
-    self.wait_until_finished()
-    self._prune_digests()
-    self._manager.close()
+    try:
+      self.wait_until_finished()
+      self._prune_digests()
+    finally:
+      with contextlib.suppress(Exception):  # a failed save was reported above
+        self._manager.close()
 
   def _prune_digests(self) -> None:
     """Removes the checksum files of steps that orbax no longer keeps."""
     directory = os.path.join(self.directory, _DIGESTS)
     if jax.process_index() != 0 or not os.path.isdir(directory):
       return
-    kept = {f"{step}.json" for step in self._manager.all_steps()}
+    kept = {f"{step}{suffix}" for step in self._manager.all_steps()
+            for suffix in (".json", LOOP_DIGEST_SUFFIX)}
     for name in os.listdir(directory):
       if name.endswith(".json") and name not in kept:
         os.remove(os.path.join(directory, name))

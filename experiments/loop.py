@@ -76,6 +76,8 @@ class Progress:
   schedule: dict = dataclasses.field(default_factory=dict)
   config: dict = dataclasses.field(default_factory=dict)
   extra: dict = dataclasses.field(default_factory=dict)
+  # One entry per resumption with a changed config: {"step": ..., "changed": {field: [old, new]}}.
+  config_history: list = dataclasses.field(default_factory=list)
 
   VERSION = 3
 
@@ -306,6 +308,7 @@ class Loop:
     """The only per-interval device->host transfer: metrics and the non-finite record."""
     host_metrics, host_first_bad = jax.device_get((metrics, self.first_bad))
     self.check_finite(host_first_bad)
+    self.checkpointer.poll()  # a background save that failed (full disk) stops the run here
     step = self.progress.step
     scalars = {k: float(np.ravel(v)[0]) for k, v in host_metrics.items()}
     now = time.time()

@@ -143,13 +143,27 @@ def group_accuracies(per_class_accuracy: np.ndarray, groups: Mapping[str, np.nda
 
 
 def accuracy_summary(correct: np.ndarray, total: np.ndarray, groups) -> dict:
-  """Overall top-1 (examples), per-class accuracy, and many/medium/few (class means)."""
+  """Overall top-1 (examples), per-class accuracy, and many/medium/few (class means).
+
+  A class without evaluation examples has no accuracy: it is None in "per_class",
+  left out of its group's mean (a group with no such class left is None), listed
+  under "classes_without_examples" and named in a warning.
+  """
   correct = np.asarray(correct, np.float64)
   total = np.asarray(total, np.float64)
-  per_class = np.where(total > 0, correct / np.maximum(total, 1.0), 0.0)
+  present = total > 0
+  per_class = np.where(present, correct / np.maximum(total, 1.0), 0.0)
   summary = {"overall": float(correct.sum() / max(total.sum(), 1.0))}
-  summary.update(group_accuracies(per_class, groups))
-  summary["per_class"] = per_class.tolist()
+  summary.update(group_accuracies(per_class, {name: np.asarray(mask, bool) & present
+                                              for name, mask in groups.items()}))
+  summary["per_class"] = [float(a) if p else None for a, p in zip(per_class, present)]
+  missing = [int(c) for c in np.flatnonzero(~present)]
+  summary["classes_without_examples"] = missing
+  if missing:
+    logging.log_first_n(
+        logging.WARNING, "Class(es) %s have no evaluation examples: they have no accuracy and "
+        "are left out of the many/medium/few means (results.json: classes_without_examples).",
+        1, missing)
   return summary
 
 
@@ -183,6 +197,7 @@ def _test_block(record: dict | None) -> dict | None:
       "medium": record["test"]["medium"],
       "few": record["test"]["few"],
       "per_class": record["test"]["per_class"],
+      "classes_without_examples": record["test"].get("classes_without_examples", []),
   }
 
 
@@ -323,11 +338,12 @@ def plot_per_class_accuracy(path: str, per_class, class_counts, comparison=None,
   ax = axes[0, 0]
   classes = np.arange(len(class_counts))
   if per_class is not None:
-    ax.plot(classes, np.asarray(per_class) * 100, marker="o", ms=3, lw=1.2, label=label)
+    # float: a class without test examples (None) is a gap in the line
+    ax.plot(classes, np.asarray(per_class, float) * 100, marker="o", ms=3, lw=1.2, label=label)
   if comparison is not None:
     other, other_label = comparison
     if len(other) == len(classes):
-      ax.plot(classes, np.asarray(other) * 100, marker="s", ms=3, lw=1.0, ls="--",
+      ax.plot(classes, np.asarray(other, float) * 100, marker="s", ms=3, lw=1.0, ls="--",
               label=other_label)
     else:
       logging.warning("compare_with has %d classes, this run %d; not plotted.", len(other),

@@ -19,17 +19,28 @@ Every process reads its own shard of the data and checkpoints together (the
 workdir must be on storage all of them see); only process 0 writes results,
 logs and plots. The large-scale configs' docstrings give the TPU commands.
 
-Exit codes (experiments/errors.py): 0 finished; 2 invalid config or data;
-3 a checkpoint in the workdir is corrupt or from another experiment;
-4 a loss, gradient or the state became NaN/Inf (the newest checkpoint is the
-last good state); 75 stopped by SIGTERM after saving a checkpoint, so rerun
-the same command to continue; 1 anything else (with a traceback). Errors
-2, 3, 4 and 75 print one message saying what to do, without a traceback.
+One run per workdir: process 0 takes an exclusive lock on `<workdir>/run.lock`
+(experiments/workdir_lock.py) from start-up to the last write; a second run
+on the same workdir is refused at once (exit 3), naming the process that holds
+it. SIGTERM and SIGINT (Ctrl-C) are handled from start-up to the last write
+(experiments/preemption.py): during training a checkpoint is saved, before
+training nothing is started, and a signal during the final write lets it finish.
+
+Exit codes (experiments/errors.py): 0 finished; 2 invalid config or data
+(an unknown --config field included); 3 a checkpoint or the workdir is the
+problem (corrupt or foreign checkpoint, workdir in use by another run, not
+writable, full disk; nothing saved is deleted); 4 a loss, gradient or the
+state became NaN/Inf (the newest checkpoint is the last good state); 75
+stopped by SIGTERM or SIGINT, so rerun the same command to continue; 1
+anything else (with a traceback). Errors 2, 3, 4 and 75 print one message
+saying what to do; their full traceback goes to `<workdir>/run.log`.
 """
 
 import logging as py_logging
 import os
 import sys
+import time
+import traceback
 
 from absl import app
 from absl import flags
@@ -55,14 +66,52 @@ _PROCESS_ID = flags.DEFINE_integer(
     lower_bound=0)
 
 
-class _QuietLibraryInfo(py_logging.Filter):
-  """Drops INFO records of orbax (a dozen lines per checkpoint) from the console log."""
+RUN_LOG = "run.log"  # in the workdir: the full log, and the traceback of every failure
 
-  _NOISY = (f"{os.sep}orbax{os.sep}",)
+
+class _QuietLibraryInfo(py_logging.Filter):
+  """Keeps orbax's INFO records (a dozen lines per checkpoint) off the console, and shortens
+  its warnings and errors there to their first line (their tracebacks and TensorStore spec
+  dumps run to hundreds of lines and would bury the run's own message); `run.log` keeps them
+  whole."""
+
+  _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or not any(
-        part in record.pathname for part in self._NOISY)
+    if not any(part in record.pathname for part in self._NOISY):
+      return True
+    if record.levelno < py_logging.WARNING:
+      return False
+    if record.exc_info or "\n" in record.getMessage() or len(record.getMessage()) > 300:
+      line = record.getMessage().strip().splitlines()[0][:300] if record.getMessage() else ""
+      print(f"{record.levelname[0]} orbax: {line} (full text in {RUN_LOG} of the workdir)",
+            file=sys.stderr, flush=True)
+      return False
+    return True
+
+
+def _log_to_workdir(workdir: str) -> py_logging.Handler | None:
+  """Appends every log record (full, tracebacks included) to `<workdir>/run.log`."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    handler = py_logging.FileHandler(os.path.join(workdir, RUN_LOG), encoding="utf-8")
+  except OSError:
+    return None  # an unwritable workdir is reported by the start-up checks
+  handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  logging.get_absl_logger().addHandler(handler)
+  return handler
+
+
+def _report(error, workdir: str, handler) -> int:
+  """Prints a RunError's message (no traceback) and appends its traceback to run.log."""
+  if handler is not None:
+    handler.stream.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {type(error).__name__} "
+                         f"(exit {error.exit_code}):\n{traceback.format_exc()}\n")
+    handler.flush()
+  where = (f"\n(full traceback in {os.path.join(os.path.abspath(workdir), RUN_LOG)})"
+           if handler is not None else "")
+  print(f"{type(error).__name__}: {error}{where}", file=sys.stderr, flush=True)
+  return error.exit_code
 
 
 def main(argv):
@@ -72,20 +121,47 @@ def main(argv):
   # Imported here so that `--help` and flag errors do not pay for importing JAX.
   import jax  # pylint: disable=g-import-not-at-top
   _initialize_distributed()  # before any other import or call can touch a device
-  from experiments import errors  # pylint: disable=g-import-not-at-top
-  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments import preemption  # pylint: disable=g-import-not-at-top
+  # From here on a SIGTERM / SIGINT is a flag read at safe points, not a kill (one process; with
+  # several, JAX's runtime handles SIGTERM and the loop asks it). The handler stays installed
+  # until the process exits, so a second notice while it shuts down (after "Preempted" was
+  # printed) cannot turn exit 75 into a kill.
+  stop = preemption.StopSignal().__enter__()  # pylint: disable=unnecessary-dunder-call
+  return _main(jax, stop)
 
+
+def _main(jax, stop) -> int:
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  from experiments import errors  # pylint: disable=g-import-not-at-top
+  from experiments import preemption  # pylint: disable=g-import-not-at-top
+  from experiments import trainer  # pylint: disable=g-import-not-at-top
+  from experiments import workdir_lock  # pylint: disable=g-import-not-at-top
+
+  workdir, config = _WORKDIR.value, _CONFIG.value
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
+  handler = _log_to_workdir(workdir) if jax.process_index() == 0 else None
+  def check_writable():  # in process 0 before it locks; a failure stops every process
+    checkpointing.check_writable(workdir)
+    checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
+
   try:
-    if _CONFIG.value.get("stage", 1) == 2:  # classifier re-training (experiments/stage2.py)
-      from experiments import stage2  # pylint: disable=g-import-not-at-top
-      stage2.train_stage2(_CONFIG.value, _WORKDIR.value)
-      return 0
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    with workdir_lock.hold(workdir, process_index=jax.process_index(), check=check_writable):
+      preemption.raise_if_requested("during start-up")
+      if config.get("stage", 1) == 2:  # classifier re-training (experiments/stage2.py)
+        from experiments import stage2  # pylint: disable=g-import-not-at-top
+        stage2.train_stage2(config, workdir)
+      else:
+        trainer.train_and_evaluate(config, workdir)
   except errors.RunError as e:  # a message for the user, not a traceback (exit codes above)
-    print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    return e.exit_code
+    return _report(e, workdir, handler)
+  finally:
+    if handler is not None:
+      logging.get_absl_logger().removeHandler(handler)
+      handler.close()
+  if stop.requested:  # arrived during the final evaluation or write, which were completed
+    print(f"{stop.signal_name} arrived while the results were written; the run finished and "
+          "its results are complete.", file=sys.stderr, flush=True)
   return 0
 
 
@@ -104,5 +180,30 @@ def _initialize_distributed() -> None:
     raise app.UsageError(str(e)) from e
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad --config override as one exit-2 message, not tracebacks."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    text = str(cause)
+    if isinstance(cause, (AttributeError, KeyError)):
+      text = text.strip("\"'")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [o for o in overrides if text in o[len("--config."):].split(".")]
+    overrides = named or overrides
+    hint = (f"No field {text!r} in the config: check the spelling of {', '.join(overrides)} "
+            "against experiments/configs/base.py (every field is documented there)"
+            if isinstance(cause, (AttributeError, KeyError)) else
+            f"{type(cause).__name__}: {text.rstrip('.')}. Check the flags (python -m experiments.train "
+            "--helpfull) and the --config.<field>=<value> overrides against "
+            "experiments/configs/base.py")
+    print(f"InvalidInputError: the command line cannot be applied. {hint}. Nothing was "
+          "started.", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -47,7 +47,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the results dictionary that is also written to `workdir/results.json`
   (see `reporting.build_results`). Raises `errors.InvalidInputError` (config or
   data; before any compilation), `errors.CheckpointError`, `errors.NonFiniteError`,
-  `errors.Preempted` (SIGTERM; a checkpoint was saved, call again to continue).
+  `errors.Preempted` (SIGTERM or SIGINT; a checkpoint was saved, or the signal came before
+  training started: call again to continue).
   """
   validation.validate_config(config, jax.device_count())
   dataset = datasets.load(config)
@@ -108,8 +109,11 @@ def _check_resumable(saved: loop_lib.Progress, fresh: loop_lib.Progress, step: i
   if diffs:
     logging.warning(
         "Resuming a run whose checkpoint was written with a different config: %s. The results "
-        "mix both settings; use a new workdir to start afresh.",
+        "mix both settings (results.json lists them under 'config_history'); use a new workdir "
+        "to start afresh.",
         "; ".join(f"{k}: {saved.config.get(k)} -> {fresh.config.get(k)}" for k in diffs))
+    saved.config_history.append(
+        {"step": step, "changed": {k: [saved.config.get(k), fresh.config.get(k)] for k in diffs}})
 
 
 def _resume(checkpointer, exp, fresh: loop_lib.Progress, check_extra):
@@ -166,6 +170,7 @@ def run(config, workdir: str, dataset, exp, *, label: str, learned_difficulty: b
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             int(config.max_checkpoints_to_keep))
   try:
+    preemption.raise_if_requested("while the data was loaded")
     progress, state = _resume(checkpointer, exp, fresh, check_extra)
     start_step = progress.step
     if state is None:
@@ -196,6 +201,8 @@ def run(config, workdir: str, dataset, exp, *, label: str, learned_difficulty: b
                 "wall_time_s": progress.wall_time_s, "wall_time_this_run_s": wall,
                 "metric_writer": writer_kind,
                 "workdir": workdir})
+  # Every resumption with a changed config (results.json's "config" is the latest one).
+  results["config_history"] = list(progress.config_history)
   if add_results is not None:
     add_results(results, progress)
   if is_main:

@@ -2,7 +2,9 @@
 
 `validate_config(config, num_devices)` checks names (method, meta-gradient
 mode, model, ...; `methods.validate_config`) and numbers (imbalance factor,
-batch sizes divisible by the device count, checkpoint intervals);
+batch sizes divisible by the device count, checkpoint intervals, and the
+ranges of `VALUE_RANGES`: learning rates, momentum, loss parameters,
+Difficulty-Net widths; NaN and Inf are refused everywhere);
 `check_images` checks that a model of the registry can take the images. The
 data checks live with the datasets (`experiments/datasets.py`,
 `experiments/streaming.py`) and the loaders of `dnet_jax.data`. Every failure
@@ -13,6 +15,8 @@ change; the entry point exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import numpy as np
 
 from dnet_jax.data import long_tail
@@ -49,6 +53,66 @@ MODEL_INPUTS = {
 }
 
 
+# field -> (lowest, highest, whether the lowest is allowed, what the field means). Every value
+# must also be finite. Fields missing from a config are not checked.
+VALUE_RANGES = {
+    "learning_rate": (0.0, math.inf, False, "the SGD learning rate (negative would ascend the "
+                                            "loss)"),
+    "momentum": (0.0, 1.0, True, "the SGD momentum, in [0, 1)"),
+    "weight_decay": (0.0, math.inf, True, "the L2 weight decay"),
+    "warmup_epochs": (0.0, math.inf, True, "the linear warm-up length in epochs"),
+    "driver_weight": (0.0, math.inf, True, "lambda, the weight of the driver loss"),
+    "focal_gamma": (0.0, math.inf, True, "the focal loss exponent (0 = cross-entropy)"),
+    "cb_beta": (0.0, 1.0, True, "the class-balanced beta, in [0, 1) (0.9999 in the paper)"),
+    "dnet.lr": (0.0, math.inf, False, "the Adam learning rate of Difficulty-Net"),
+    "dnet.weight_decay": (0.0, math.inf, True, "the L2 weight decay of Difficulty-Net"),
+}
+
+
+def _get(config, name: str):
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_values(config) -> None:
+  """Ranges of the numeric fields (`VALUE_RANGES`), cdb_tau and dnet.hidden."""
+  for name, (low, high, low_ok, meaning) in VALUE_RANGES.items():
+    value = _get(config, name)
+    if value is None:
+      continue
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      raise InvalidInputError(f"{name} must be a number ({meaning}), got {value!r}.") from None
+    fits = math.isfinite(number) and (number > low or (low_ok and number == low)) and (
+        number < high or high == math.inf)
+    if not fits:
+      bounds = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf
+                                                       else "")
+      raise InvalidInputError(
+          f"{name}={value!r} is out of range: it is {meaning}, so it must be finite and "
+          f"{bounds}. Set e.g. --config.{name}=<value> in that range.")
+  tau = _get(config, "cdb_tau")
+  if tau is not None:
+    parsed = methods.parse_cdb_tau(tau)
+    if parsed != "dynamic" and not (math.isfinite(parsed) and parsed >= 0):
+      raise InvalidInputError(
+          f"cdb_tau={tau!r} must be 'dynamic' or a finite number >= 0 (CDB's weights are "
+          "difficulty ** tau; the paper uses 'dynamic' or 1.5).")
+  hidden = _get(config, "dnet.hidden")
+  if hidden is not None:
+    widths = tuple(hidden) if isinstance(hidden, (tuple, list)) else (hidden,)
+    if not widths or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+                             and w >= 1 for w in widths):
+      raise InvalidInputError(
+          f"dnet.hidden={hidden!r} must be a tuple of positive layer widths, e.g. "
+          '--config.dnet.hidden="(128, 128)" (the paper\'s Difficulty-Net).')
+
+
 def _invalid(error: Exception, context: str = "") -> InvalidInputError:
   return InvalidInputError(f"{context}{error}")
 
@@ -59,6 +123,7 @@ def validate_config(config, num_devices: int) -> None:
     methods.validate_config(config)
   except ValueError as e:
     raise _invalid(e) from e
+  check_values(config)
   # data.source is checked by the loader that dispatches on it (next, still before compiling):
   # in-memory sources (dnet_jax.data.sources) and streamed ones each know their own names.
   if "imbalance_factor" in config.data:
@@ -103,5 +168,7 @@ def check_images(x: np.ndarray, model: str, what: str = "images") -> None:
   if problems:
     raise InvalidInputError(
         f"model={model!r} cannot take the {what} ({height}x{width}x{channels}: "
-        f"{' and '.join(problems)}): {spec.description}. Choose a model for these images "
-        "(e.g. --config.model=small_cnn) or resize/convert the images.")
+        f"{' and '.join(problems)}): {spec.description}. "
+        + ("Resize or convert the images." if model.startswith("small_cnn") else
+           "Choose a model for these images (e.g. --config.model=small_cnn) or resize/convert "
+           "the images."))

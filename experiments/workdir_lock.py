@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from experiments import errors
 
@@ -99,17 +99,25 @@ def _agree(ok: bool) -> bool:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, *, process_index: int = 0) -> Iterator[None]:
-  """Holds the workdir lock for the body; process 0 locks, every process learns the outcome."""
+def hold(workdir: str, *, process_index: int = 0,
+         check: Callable[[], None] | None = None) -> Iterator[None]:
+  """Holds the workdir lock for the body; process 0 locks, every process learns the outcome.
+
+  `check` (e.g. the workdir's writability) runs in process 0 before it locks; its RunError
+  stops every process of the run together, like a lock held elsewhere.
+  """
   fd, failure = None, None
   if process_index == 0:
     try:
+      if check is not None:
+        check()
       fd = acquire(workdir)
-    except WorkdirBusyError as e:
+    except errors.RunError as e:
       failure = e
   if not _agree(failure is None):
     raise failure or WorkdirBusyError(
-        f"workdir {workdir} is in use by another run (process 0 of this run could not lock it).")
+        f"workdir {workdir} cannot be used: process 0 of this run could not check or lock it "
+        "(its message says why).")
   try:
     yield
   finally:

@@ -502,6 +502,11 @@ def test_cifar_pickle_errors(tmp_path):
   (folder / "data_batch_3").write_bytes(py2_pickle({b"labels": [1, 2]}))
   with pytest.raises(ValueError, match="expected a dict with keys b'data'"):
     dd.load_source("cifar_pickle", name="cifar10", data_dir=tmp_path)
+  (folder / "data_batch_3").write_bytes(py2_pickle(
+      {b"labels": [1, 12], b"data": np.zeros((2, 3072), np.uint8)}))
+  with pytest.raises(ValueError, match=r"data_batch_3': 1 label\(s\) in b'labels' outside "
+                                       r"\[0, 10\): 12; the file is damaged"):
+    dd.load_source("cifar_pickle", name="cifar10", data_dir=tmp_path)
   os.remove(folder / "test_batch")
   (folder / "data_batch_3").write_bytes(b"not a pickle")
   with pytest.raises(ValueError, match="not a readable CIFAR pickle"):
@@ -563,7 +568,7 @@ def test_npz_source(tmp_path):
   rng = np.random.default_rng(0)
   x_train = rng.random((60, 5, 5)).astype(np.float32)  # NHW floats in [0,1]
   y_train = np.arange(60) % 3
-  x_test = rng.integers(0, 256, (9, 5, 5, 2), dtype=np.uint8)
+  x_test = rng.integers(0, 256, (9, 5, 5, 1), dtype=np.uint8)  # the channels of x_train
   path = tmp_path / "mine.npz"
   np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test,
            y_test=np.arange(9) % 3)
@@ -631,7 +636,7 @@ def test_npz_errors(tmp_path):
     dd.load_long_tailed(**cfg.to_dict())
 
   path.write_bytes(b"garbage")
-  with pytest.raises(ValueError, match="not a readable .npz file"):
+  with pytest.raises(ValueError, match="is not a .npz file: it is not a zip archive"):
     dd.load_long_tailed(**cfg.to_dict())
 
 

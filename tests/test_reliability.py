@@ -9,6 +9,7 @@ tests/test_validation.py.
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from orbax.checkpoint._src.handlers import json_checkpoint_handler as ocp_json
 
 from experiments import checkpointing
 from experiments import errors
@@ -24,6 +26,7 @@ from experiments import datasets
 from experiments import loop as loop_lib
 from experiments import methods
 from experiments import preemption
+from experiments import reporting
 from experiments import trainer
 from experiments.configs import digits_lt
 
@@ -149,6 +152,124 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     assert checkpointer.all_steps() == []
 
 
+# ---------------------------------------------------------------------------- full disk
+
+
+def test_a_failed_background_save_stops_the_run_with_exit_3(tmp_path, monkeypatch):
+  """ENOSPC in orbax's writer thread (simulated at the file write of its JSON items)."""
+  original = ocp_json.JsonCheckpointHandler._save_fn
+
+  async def save_fn(self, x, directory):
+    if "6.orbax-checkpoint-tmp" in str(directory):  # the save of step 6 hits a full disk
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ocp_json.JsonCheckpointHandler, "_save_fn", save_fn)
+  workdir = str(tmp_path / "full")
+  trained = []
+  original_step = loop_lib.Loop.evaluate
+  monkeypatch.setattr(loop_lib.Loop, "evaluate",
+                      lambda self: (trained.append(self.progress.step), original_step(self))[1])
+  with pytest.raises(errors.CheckpointError,
+                     match=r"^Saving checkpoint .*checkpoints/6 in .*checkpoints failed: .*No "
+                           r"space left on device.*\. the disk is full: free space on it, then "
+                           r"rerun the same command; the newest complete checkpoint, "
+                           r".*checkpoints/3, is kept and the rerun resumes from it\.$") as raised:
+    trainer.train_and_evaluate(tiny_config(checkpoint_every_steps=3, log_every_steps=1), workdir)
+  assert raised.value.exit_code == errors.EXIT_CHECKPOINT == 3
+  assert trained == []  # stopped before the epoch end at step 9: no further epoch trained
+  assert checkpoint_steps(workdir) == [3]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_too_little_free_space_is_refused_before_saving(tmp_path, monkeypatch):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  usage = checkpointing.shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage",
+                      lambda path: usage._replace(free=1000))
+  try:
+    with pytest.raises(errors.CheckpointError,
+                       match=r"^Not enough free space to save checkpoint .*checkpoints/3: 0\.0 MiB "
+                             r"free, 1\.0 MiB needed\. Free space and rerun the same command; no "
+                             r"checkpoint was completed\.$"):
+      checkpointer.save(3, {"w": jnp.ones((4,))}, {"step": 3})
+    assert checkpointer.all_steps() == []
+  finally:
+    checkpointer.close()
+  with pytest.raises(errors.CheckpointError, match=r"^Only 0\.0 MiB are free on the file system "
+                                                   r"of .* \(a run needs at least 64 MiB"):
+    checkpointing.check_writable(str(tmp_path))
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_at_start(tmp_path, monkeypatch):
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  monkeypatch.setattr(checkpointing, "open", read_only, raising=False)
+  with pytest.raises(errors.CheckpointError,
+                     match=r"^Cannot write to .*checkpoints \(Read-only file system\): the "
+                           r"directory is read-only or not writable: fix its permissions, or pass "
+                           r"another --workdir\. Nothing was started") as raised:
+    checkpointing.check_writable(str(tmp_path / "checkpoints"))
+  assert raised.value.exit_code == 3
+  monkeypatch.undo()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  try:  # a directory that becomes read-only during the run: refused before orbax writes
+    monkeypatch.setattr(checkpointing, "open", read_only, raising=False)
+    with pytest.raises(errors.CheckpointError,
+                       match=r"^Cannot write to .*checkpoints \(Read-only file system\): .* "
+                             r"Checkpoint .*checkpoints/3 was not saved; no checkpoint was "
+                             r"completed\.$"):
+      checkpointer.save(3, {"w": jnp.ones((4,))}, {"step": 3})
+    monkeypatch.undo()
+    assert checkpointer.all_steps() == []
+  finally:
+    checkpointer.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_a_read_only_checkpoint_directory_is_refused_at_once(tmp_path):
+  directory = tmp_path / "checkpoints"
+  directory.mkdir()
+  directory.chmod(0o555)
+  try:
+    with pytest.raises(errors.CheckpointError, match=r"Permission denied\): the directory is "
+                                                     r"read-only or not writable"):
+      checkpointing.check_writable(str(directory))
+  finally:
+    directory.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------- honest numbers
+
+
+def test_classes_without_test_examples_leave_the_group_means():
+  # Class 2 (many-shot) has no test examples; by hand: many = (9/10 + 1/1) / 2 = 0.95.
+  correct, total = np.array([9, 1, 0, 2]), np.array([10, 1, 0, 4])
+  groups = {"many": np.array([True, True, True, False]), "medium": np.array([0, 0, 0, 1], bool),
+            "few": np.array([False] * 4)}
+  summary = reporting.accuracy_summary(correct, total, groups)
+  assert summary["many"] == pytest.approx(0.95) and summary["medium"] == 0.5
+  assert summary["few"] is None
+  assert summary["overall"] == pytest.approx(12 / 15)
+  assert summary["per_class"] == [0.9, 1.0, None, 0.5]
+  assert summary["classes_without_examples"] == [2]
+  only_empty = reporting.accuracy_summary(correct, total,
+                                          {"many": np.array([0, 0, 1, 0], bool)})
+  assert only_empty["many"] is None
+
+
+def test_a_resumption_with_another_config_is_kept_in_the_history():
+  fresh = lambda **config: loop_lib.Progress(steps_per_epoch=9, num_train=314,  # noqa: E731
+                                             config=config)
+  saved = fresh(seed="0", method="'ce'")
+  saved.step = 9
+  trainer._check_resumable(saved, fresh(seed="1", method="'ce'"), 9, "ckpt/9")  # pylint: disable=protected-access
+  assert saved.config_history == [{"step": 9, "changed": {"seed": ["0", "1"]}}]
+  record = loop_lib.Progress.from_json(json.loads(json.dumps(saved.to_json())), "ckpt/9")
+  assert record.config_history == saved.config_history  # kept in every later checkpoint
+
+
 # ---------------------------------------------------------------------------- SIGTERM in-process
 
 
@@ -167,8 +288,8 @@ def test_stop_signal_sets_a_flag_and_restores_the_previous_handler():
     signal.signal(signal.SIGTERM, previous)
 
 
-def _sigterm_at(monkeypatch, step_index: int):
-  """Sends SIGTERM to this process when the input pipeline builds batch `step_index`.
+def _sigterm_at(monkeypatch, step_index: int, signum: int = signal.SIGTERM):
+  """Sends SIGTERM (or `signum`) to this process when the input pipeline builds batch `step_index`.
 
   With the two-batch prefetch that happens right after step `step_index - 1`
   (1-based) finished, so the loop stops after step `step_index`.
@@ -178,7 +299,7 @@ def _sigterm_at(monkeypatch, step_index: int):
   def train_batches(*args, **kwargs):
     for item in original(*args, **kwargs):
       if item[0] == step_index:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
       yield item
 
   monkeypatch.setattr(datasets.InMemoryDataset, "train_batches", train_batches)
@@ -186,15 +307,41 @@ def _sigterm_at(monkeypatch, step_index: int):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """A straight run of `resumable_config` and the SHA-256 of its final state arrays."""
+  """A straight run of `resumable_config` and the SHA-256 of its final state arrays.
+
+  It runs as the entry point runs it, inside a StopSignal held from start-up, and
+  gets a SIGTERM while results.json is being written (`sigterm_during_the_final_write`).
+  """
   previous = jax.config.values["jax_disable_most_optimizations"]
   jax.config.update("jax_disable_most_optimizations", True)
+  original_write = reporting.write_json
+
+  def write_json(path, results):
+    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's notice, in the middle of the write
+    original_write(path, results)
+
   try:
     workdir = str(tmp_path_factory.mktemp("straight"))
-    results = trainer.train_and_evaluate(resumable_config(), workdir)
+    reporting.write_json = write_json
+    with preemption.StopSignal() as outer:
+      results = trainer.train_and_evaluate(resumable_config(), workdir)
+    sigterm_during_the_final_write.update(requested=outer.signal_name, workdir=workdir)
   finally:
+    reporting.write_json = original_write
     jax.config.update("jax_disable_most_optimizations", previous)
   return results, final_digests(workdir, results["steps"])
+
+
+sigterm_during_the_final_write = {}
+
+
+def test_a_sigterm_during_the_final_write_lets_it_finish(uninterrupted):
+  results, _ = uninterrupted
+  assert sigterm_during_the_final_write["requested"] == "SIGTERM"  # it arrived, and was held
+  with open(os.path.join(sigterm_during_the_final_write["workdir"], "results.json"),
+            encoding="utf-8") as f:
+    written = json.load(f)
+  assert written["steps"] == results["steps"] == 18 and written["config_history"] == []
 
 
 def resumable_config():
@@ -214,27 +361,28 @@ COMPARED = ("final_test", "best_val_test", "best_val_epoch", "history", "steps",
             "per_class_test_accuracy")
 
 
-@pytest.mark.parametrize("stop_after", [5, 9], ids=["inside_epoch", "at_epoch_end"])
+@pytest.mark.parametrize("stop_after,signum", [(5, signal.SIGINT), (9, signal.SIGTERM)],
+                         ids=["ctrl_c_inside_epoch", "sigterm_at_epoch_end"])
 def test_sigterm_saves_a_checkpoint_and_the_rerun_gives_the_same_result(
-    tmp_path, monkeypatch, uninterrupted, stop_after):
+    tmp_path, monkeypatch, uninterrupted, stop_after, signum):
   reference, reference_digests = uninterrupted
   workdir = str(tmp_path / "run")
   # Our own handler outside the run: the runner's replaces it during the loop and must give
   # it back (and if the runner installed none, the SIGTERM lands here, not on pytest).
   outside = []
   fallback = lambda *args: outside.append(args)  # noqa: E731
-  previous = signal.signal(signal.SIGTERM, fallback)
+  previous = signal.signal(signum, fallback)
   try:
     with monkeypatch.context() as patch:
-      _sigterm_at(patch, stop_after)
+      _sigterm_at(patch, stop_after, signum)
       with pytest.raises(errors.Preempted,
-                         match=rf"Stopped by SIGTERM after step {stop_after} of 18; the checkpoint "
-                               rf".*checkpoints/{stop_after} holds everything needed to continue"
-                               ) as stopped:
+                         match=rf"Stopped by {signal.Signals(signum).name} after step {stop_after} "
+                               rf"of 18; the checkpoint .*checkpoints/{stop_after} holds "
+                               rf"everything needed to continue") as stopped:
         trainer.train_and_evaluate(resumable_config(), workdir)
-    assert signal.getsignal(signal.SIGTERM) is fallback  # the previous handler is back
+    assert signal.getsignal(signum) is fallback  # the previous handler is back
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signum, previous)
   assert outside == []  # the runner's handler took the signal
   assert stopped.value.exit_code == errors.EXIT_PREEMPTED == 75
   assert checkpoint_steps(workdir)[-1] == stop_after

@@ -300,6 +300,45 @@ def test_half_written_checkpoints_are_never_the_latest(finished_run, tmp_path):
   assert os.path.isdir(os.path.join(checkpoints, "13"))  # ignored, not deleted
 
 
+def test_an_edited_bookkeeping_record_is_refused(finished_run, tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "11")
+  path = os.path.join(step_dir, "loop", "metadata")
+  with open(path, encoding="utf-8") as f:
+    loop = json.load(f)
+  loop["history"][0]["val_accuracy"] = 1.0  # valid JSON: epoch 1 would become the best
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(loop, f)
+  before = listing(workdir)
+  with pytest.raises(errors.CheckpointError,
+                     match=rf"^Checkpoint {re.escape(step_dir)} is corrupt: its bookkeeping "
+                           rf"\({re.escape(step_dir)}/loop: history, best-validation record, "
+                           r"position in the data\) differs from the checksum recorded when it "
+                           r"was saved\. Nothing was deleted; to resume from the previous "
+                           r"checkpoint \(step 9\)") as raised:
+    trainer.train_and_evaluate(small_config(), workdir)
+  assert raised.value.exit_code == 3
+  assert listing(workdir) == before
+
+
+def test_the_leftover_of_max_to_keep_is_removed_not_set_aside(finished_run, tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  # A process stopped while orbax deleted an old checkpoint (max_to_keep=1: 9 goes when 11 is
+  # saved): its commit marker and state are gone, the rest is left.
+  os.remove(os.path.join(checkpoints, "9", "commit_success.txt"))
+  shutil.rmtree(os.path.join(checkpoints, "9", "state"))
+  with checkpointing.Checkpointer(checkpoints, max_to_keep=1) as checkpointer:
+    assert checkpointer.set_aside_incomplete() == [os.path.join(checkpoints, "9")]
+  assert sorted(os.listdir(checkpoints)) == ["11", "digests"]
+  # With room for both it is an ordinary incomplete checkpoint: set aside, not deleted.
+  workdir = copy_run(finished_run, tmp_path / "second")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  os.remove(os.path.join(checkpoints, "9", "commit_success.txt"))
+  with checkpointing.Checkpointer(checkpoints, max_to_keep=2) as checkpointer:
+    assert checkpointer.set_aside_incomplete() == [os.path.join(checkpoints, "9.incomplete")]
+
+
 # orbax leaves a read coroutine of the other arrays un-awaited after the first failure.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
@@ -327,6 +366,29 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_nothing_is_deleted(finished_r
           f"{step_dir} out of") in str(raised.value)
   assert raised.value.exit_code == errors.EXIT_CHECKPOINT == 3
   assert listing(workdir) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_truncated_array_file_through_the_command_line_is_one_short_message(finished_run,
+                                                                             tmp_path):
+  workdir = copy_run(finished_run, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "11")
+  path = largest_array_file(step_dir)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  command = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/digits_lt.py",
+             f"--workdir={workdir}", "--config.method=ce", "--config.num_epochs=2",
+             "--config.max_steps=18", "--config.progress_bar=False"]
+  proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=RUN_TIMEOUT_S)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) < 40, proc.stderr[-3000:]  # not ~1,380 lines of TensorStore specs
+  assert lines[-2].startswith(f"CheckpointError: Checkpoint {step_dir} cannot be read: ")
+  assert lines[-1] == f"(full traceback in {workdir}/run.log)"
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("override,match", [

@@ -92,6 +92,25 @@ def npz_config(tmp_path, arrays, **overrides):
     ("checkpoint_every_steps", -1, r"^checkpoint_every_steps must be >= 0 \(0 = only at epoch "
                                    r"ends\), got -1"),
     ("batch_size", 0, r"^batch_size must be >= 1, got 0"),
+    # Nonsense values (issue 14, case 8), refused before compiling.
+    ("learning_rate", -0.1, r"^learning_rate=-0.1 is out of range: it is the SGD learning rate "
+                            r"\(negative would ascend the loss\), so it must be finite and > 0\. "
+                            r"Set e\.g\. --config\.learning_rate=<value> in that range"),
+    ("learning_rate", float("nan"), r"^learning_rate=nan is out of range"),
+    ("momentum", float("nan"), r"^momentum=nan is out of range: it is the SGD momentum, in "
+                               r"\[0, 1\), so it must be finite and >= 0 and < 1"),
+    ("momentum", 1.0, r"^momentum=1.0 is out of range"),
+    ("dnet.lr", float("nan"), r"^dnet.lr=nan is out of range: it is the Adam learning rate of "
+                              r"Difficulty-Net"),
+    ("cb_beta", 1.0, r"^cb_beta=1.0 is out of range: it is the class-balanced beta, in \[0, 1\)"),
+    ("driver_weight", -0.3, r"^driver_weight=-0.3 is out of range: it is lambda"),
+    ("warmup_epochs", -1, r"^warmup_epochs=-1 is out of range: it is the linear warm-up"),
+    ("focal_gamma", -1.0, r"^focal_gamma=-1.0 is out of range: it is the focal loss exponent "
+                          r"\(0 = cross-entropy\), so it must be finite and >= 0"),
+    ("cdb_tau", "nan", r"^cdb_tau='nan' must be 'dynamic' or a finite number >= 0"),
+    ("dnet.hidden", (0,), r"^dnet.hidden=\(0,\) must be a tuple of positive layer widths, e\.g\. "
+                          r'--config\.dnet\.hidden="\(128, 128\)"'),
+    ("dnet.hidden", (-3,), r"^dnet.hidden=\(-3,\) must be a tuple of positive layer widths"),
 ])
 def test_config_errors(tmp_path, key, value, match):
   expect_invalid(tmp_path, config_for(**{key: value}), match)
@@ -174,6 +193,57 @@ def test_images_the_model_cannot_take(tmp_path):
                  r"instead of 3\)")
 
 
+def _npz_errors(tmp_path, arrays, match, **overrides):
+  expect_invalid(tmp_path, npz_config(tmp_path, arrays, **overrides), match)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", r"toy.npz' is not a .npz file: it is empty \(0 bytes; the write was probably "
+          r"interrupted\)\. Write it with np\.savez\(path, x_train=\.\.\., y_train=\.\.\., "
+          r"x_test=\.\.\., y_test=\.\.\.\)"),
+    ("npy", r"toy.npz' is not a .npz file: it is a single .npy array saved under a .npz name "
+            r"\(np.save instead of np.savez\)"),
+    (b"x_train,y_train\n1,2\n", r"toy.npz' is not a .npz file: it is not a zip archive as "
+                                 r"np.savez writes \(a text or other file\?\)"),
+])
+def test_files_that_are_not_npz_archives(tmp_path, content, match):
+  config = npz_config(tmp_path, toy_arrays())
+  path = tmp_path / "toy.npz"
+  if content == "npy":
+    with open(path, "wb") as f:
+      np.save(f, toy_arrays()["x_train"])
+  else:
+    path.write_bytes(content)
+  error = expect_invalid(tmp_path, config, match)
+  assert "pickle" not in str(error)
+
+
+def test_npz_contents_that_do_not_fit(tmp_path):
+  arrays = toy_arrays()
+  _npz_errors(tmp_path, dict(arrays, num_classes=np.array([3, 3])),
+              r"num_classes must be a positive integer scalar \(np\.savez\(\.\.\., "
+              r"num_classes=10\)\), got int64 of shape \(2,\) = \[3 3\]")
+  rgb_test = toy_arrays(shape=(8, 8, 3))["x_test"]
+  _npz_errors(tmp_path, dict(arrays, x_test=rgb_test),
+              r"x_test images are 8x8 with 3 channel\(s\) but x_train images are 8x8 with 1 "
+              r"channel\(s\); every split must have the size and channels of the training images")
+  _npz_errors(tmp_path, dict(arrays, x_meta=rgb_test[:6], y_meta=arrays["y_test"][:6] % 3),
+              r"x_meta images are 8x8 with 3 channel\(s\) but x_train images are 8x8 with 1")
+  _npz_errors(tmp_path, dict(arrays, x_test=toy_arrays(shape=(6, 6, 1))["x_test"]),
+              r"x_test images are 6x6 with 1 channel\(s\) but x_train images are 8x8")
+  huge = arrays["y_train"].astype(np.uint64)
+  huge[0] = np.iinfo(np.uint64).max
+  _npz_errors(tmp_path, dict(arrays, y_train=huge),
+              r"y_train holds label 18446744073709551615, larger than any class index")
+
+
+def test_the_image_size_advice_never_suggests_the_model_in_use(tmp_path):
+  with pytest.raises(errors.InvalidInputError, match=r"smaller than 4x4\).*\. Resize or convert "
+                                                      r"the images\.$") as raised:
+    validation.check_images(np.zeros((2, 3, 3, 1), np.uint8), "small_cnn")
+  assert "--config.model=small_cnn" not in str(raised.value)
+
+
 def test_check_images_wants_uint8_nhwc():
   validation.check_images(np.zeros((2, 32, 32, 3), np.uint8), "resnet32")
   validation.check_images(np.zeros((2, 5, 7, 2), np.uint8), "small_cnn")
@@ -244,3 +314,10 @@ def test_command_line_exits_2_with_the_message_and_no_traceback(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "InvalidInputError: data.imbalance_factor must be >= 1" in proc.stderr
   assert "Traceback" not in proc.stderr
+  # The traceback goes to the workdir's log, not the terminal.
+  log_path = tmp_path / "cli" / "run.log"
+  assert f"(full traceback in {log_path})" in proc.stderr
+  with open(log_path, encoding="utf-8") as f:
+    log = f.read()
+  assert "InvalidInputError (exit 2):\nTraceback (most recent call last):" in log
+  assert "validation.py" in log  # where it was raised

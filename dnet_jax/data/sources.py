@@ -230,8 +230,8 @@ def _cifar_dir(name: str, data_dir: str | os.PathLike) -> str:
       f"extract it into {data_dir!r}.")
 
 
-def _read_cifar_batch(path: str, label_key: bytes):
-  """One CIFAR pickle -> (uint8 NHWC images, int64 labels).
+def _read_cifar_batch(path: str, label_key: bytes, num_classes: int):
+  """One CIFAR pickle -> (uint8 NHWC images, int64 labels in [0, num_classes)).
 
   The pickles store each image as 3,072 bytes: the 1,024 red, then green,
   then blue values of the 32x32 image, rows first (CHW); reshaped to HWC.
@@ -251,7 +251,13 @@ def _read_cifar_batch(path: str, label_key: bytes):
         f"{path!r} is not a CIFAR batch: expected a dict with keys b'data' "
         f"and {label_key!r}, found {found}.")
   data = np.asarray(batch[b"data"])
-  labels = np.asarray(batch[label_key], np.int64)
+  labels = _int64_labels(batch[label_key], f"{path!r}: {label_key!r}")
+  outside = labels[(labels < 0) | (labels >= num_classes)]
+  if outside.size:
+    raise ValueError(
+        f"{path!r}: {outside.size} label(s) in {label_key!r} outside [0, "
+        f"{num_classes}): {', '.join(str(v) for v in np.unique(outside)[:5])}; "
+        "the file is damaged or from another data set: download it again.")
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
     raise ValueError(
         f"{path!r}: b'data' must be a (N, 3072) uint8 array, got "
@@ -277,7 +283,7 @@ def load_cifar_pickle_source(
   _, train_files, test_files, label_key, num_classes, _ = _CIFAR_LAYOUTS[name]
 
   def read(files):
-    parts = [_read_cifar_batch(os.path.join(root, f), label_key)
+    parts = [_read_cifar_batch(os.path.join(root, f), label_key, num_classes)
              for f in files]
     return (np.concatenate([p[0] for p in parts]),
             np.concatenate([p[1] for p in parts]))
@@ -338,6 +344,40 @@ def _npz_path(data_dir: str | os.PathLike, name: str) -> str:
   return path
 
 
+def _hwc(x: np.ndarray) -> str:
+  return "x".join(str(d) for d in x.shape[1:3]) + f" with {x.shape[3]} channel(s)"
+
+
+def _int64_labels(y, what: str) -> np.ndarray:
+  """Integer labels as int64; ValueError for values int64 cannot hold (a uint64 near 2**64
+  would wrap to a negative number)."""
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{what} must be integer class labels, got {y.dtype}.")
+  if (y.size and np.issubdtype(y.dtype, np.unsignedinteger)
+      and int(y.max()) > np.iinfo(np.int64).max):
+    raise ValueError(f"{what} holds label {int(y.max())}, larger than any class index; "
+                     "labels must be 0..num_classes-1.")
+  return y.astype(np.int64)
+
+
+def _check_npz_header(path: str) -> None:
+  """ValueError naming what the file is when it is not a .npz (a zip archive) at all."""
+  with open(path, "rb") as f:
+    head = f.read(6)
+  if head.startswith(b"PK"):
+    return
+  if not head:
+    what = "it is empty (0 bytes; the write was probably interrupted)"
+  elif head == b"\x93NUMPY":
+    what = "it is a single .npy array saved under a .npz name (np.save instead of np.savez)"
+  else:
+    what = "it is not a zip archive as np.savez writes (a text or other file?)"
+  raise ValueError(
+      f"{path!r} is not a .npz file: {what}. Write it with np.savez(path, "
+      f"{'=..., '.join(_NPZ_REQUIRED)}=...).")
+
+
 def load_npz_source(data_dir: str | os.PathLike, name: str) -> SourceData:
   """Your own dataset from a ``.npz`` file.
 
@@ -348,11 +388,16 @@ def load_npz_source(data_dir: str | os.PathLike, name: str) -> SourceData:
   ``<name>.npz``. Loaded with ``allow_pickle=False``.
   """
   path = _npz_path(data_dir, name)
+  _check_npz_header(path)
   try:
     with np.load(path, allow_pickle=False) as npz:
+      if not hasattr(npz, "files"):  # np.load read a single .npy array
+        raise ValueError("it holds a single array (an .npy file), not named arrays")
       arrays = {k: npz[k] for k in npz.files}
-  except (ValueError, OSError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path!r} is not a readable .npz file: {e}") from e
+  except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+    raise ValueError(
+        f"{path!r} is not a readable .npz file: {e}. Write it with np.savez(path, "
+        f"{'=..., '.join(_NPZ_REQUIRED)}=...).") from e
   missing = [k for k in _NPZ_REQUIRED if k not in arrays]
   if missing:
     raise ValueError(
@@ -370,16 +415,28 @@ def load_npz_source(data_dir: str | os.PathLike, name: str) -> SourceData:
       raise ValueError(
           f"{path!r}: {key} must be a 1-D integer array, got {y.dtype} "
           f"{y.shape}.")
-    return y.astype(np.int64)
+    return _int64_labels(y, f"{path!r}: {key}")
 
   label_keys = ["y_train", "y_test"] + (["y_meta"] if has_meta else [])
   ys = {k: labels(k) for k in label_keys}
   if "num_classes" in arrays:
-    num_classes = int(arrays["num_classes"])
+    value = np.asarray(arrays["num_classes"])
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or value < 1:
+      raise ValueError(
+          f"{path!r}: num_classes must be a positive integer scalar (np.savez(..., "
+          f"num_classes=10)), got {value.dtype} of shape {value.shape}"
+          f"{f' = {value}' if value.size <= 8 else ''}.")
+    num_classes = int(value)
   else:
     num_classes = int(max(y.max(initial=-1) for y in ys.values())) + 1
   xs = {f"x{k[1:]}": _to_uint8_nhwc(arrays[f"x{k[1:]}"],
                                     f"{path}: x{k[1:]}") for k in label_keys}
+  for key in xs:
+    if key != "x_train" and xs[key].shape[1:] != xs["x_train"].shape[1:]:
+      raise ValueError(
+          f"{path!r}: {key} images are {_hwc(xs[key])} but x_train images "
+          f"are {_hwc(xs['x_train'])}; every split must have the size and "
+          "channels of the training images (resize or convert them).")
   return SourceData(
       xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"],
       xs.get("x_meta"), ys.get("y_meta"), num_classes=num_classes, name=name)
