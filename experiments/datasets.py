@@ -8,9 +8,13 @@ Both implementations (this module and `experiments/streaming.py`) give:
   summary()                       one line for the log
   info(many, few)                 the "data" block of results.json
   preprocessors                   (train, meta, eval) on-device `fn(rng, images) -> float32`
+  steps_for(sampler)              global steps per epoch of a sampler (`Sampler`)
   train_batches(start, end, with_meta=, sampler=)
                                   yields (step, train batch, meta batch or None), this
-                                  process's part of each global batch
+                                  process's part of each global batch; `sampler` is a
+                                  name ("instance", "class_balanced", "class_aware") or a
+                                  `Sampler` (class-aware: samples per class, iterations
+                                  per epoch)
   eval_batches(split)             "meta" (validation) or "test": this process's padded
                                   batches {"image", "label", "mask"}, covering the split once
 
@@ -18,7 +22,7 @@ Every batch is a pure function of (seed, epoch) or (seed, step), never of an
 iterator carried along, so a run resumed at any step reads exactly what the
 uninterrupted run read:
   * train batch b of epoch e: rows [b*B, (b+1)*B) of `epoch_order(sampler, ...)`
-    (the last incomplete batch is dropped);
+    (the last incomplete batch is dropped; `steps_for(sampler)` batches per epoch);
   * meta batch of step s: `batching.meta_batch_indices(seed, s, n_meta, B_meta)`.
 `load(config, batch_size=...)` checks the config against the data and raises
 `InvalidInputError` naming the setting to change.
@@ -26,20 +30,22 @@ uninterrupted run read:
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 
 from dnet_jax import distributed
 from dnet_jax.data import augment
 from dnet_jax.data import batching
+from dnet_jax.data import class_aware
 from dnet_jax.data import long_tail
 from dnet_jax.data import sources
 from experiments import validation
 from experiments.errors import InvalidInputError
 
-SAMPLERS = ("instance", "class_balanced")
+SAMPLERS = ("instance", "class_balanced", "class_aware")
 EVAL_SPLITS = ("meta", "test")
 # Published per-channel statistics (in [0, 1] units) by data set name.
 _KNOWN_STATS = {
@@ -48,14 +54,71 @@ _KNOWN_STATS = {
 }
 
 
-def epoch_order(sampler: str, labels: np.ndarray, seed: int, epoch: int, size: int) -> np.ndarray:
-  """The first `size` training indices of `epoch`: a permutation ("instance") or a
-  class-balanced draw (a class uniformly, then one of its images; cRT's sampler)."""
-  if sampler == "instance":
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a training epoch is drawn.
+
+  Attributes:
+    name: "instance" (a permutation of the training set), "class_balanced" (a
+      class uniformly, then one of its images; cRT's sampler) or "class_aware"
+      (the public code's ClassAwareSampler, `dnet_jax.data.class_aware`:
+      `samples_per_class` consecutive images of a class, classes in reshuffled
+      cycles, continued across epochs).
+    samples_per_class: class_aware only (the public code: 4).
+    iterations_per_epoch: global steps per epoch; 0 = the sampler's own length:
+      floor(N / B) for instance and class_balanced, floor(max_c n_c x C / B) for
+      class_aware (the public DataLoader keeps the last partial batch; here
+      batches have a static shape, so it is dropped). A class-aware epoch is
+      the next (steps x B) samples of the class-aware stream. The public
+      ImageNet-LT / Places-LT stage 2 fixes it (907 / 246).
+  """
+  name: str = "instance"
+  samples_per_class: int = 4
+  iterations_per_epoch: int = 0
+
+  def __post_init__(self):
+    if self.name not in SAMPLERS:
+      raise InvalidInputError(f"Unknown sampler {self.name!r}; choose one of: "
+                              f"{', '.join(SAMPLERS)}.")
+    if int(self.samples_per_class) < 1 or int(self.iterations_per_epoch) < 0:
+      raise InvalidInputError(
+          f"The {self.name} sampler needs samples_per_class >= 1 and iterations_per_epoch >= 0 "
+          f"(0 = the sampler's own epoch length); got {self.samples_per_class} and "
+          f"{self.iterations_per_epoch}.")
+
+
+SamplerLike = Union[str, Sampler]
+
+
+def as_sampler(sampler: SamplerLike) -> Sampler:
+  """A `Sampler` from a name or a `Sampler`."""
+  return sampler if isinstance(sampler, Sampler) else Sampler(str(sampler))
+
+
+def sampler_steps_per_epoch(sampler: SamplerLike, labels: np.ndarray, batch_size: int,
+                            num_classes: int | None = None) -> int:
+  """Global steps per epoch of `sampler` over training `labels` (see `Sampler`)."""
+  sampler = as_sampler(sampler)
+  if sampler.iterations_per_epoch:
+    return int(sampler.iterations_per_epoch)
+  if sampler.name == "class_aware":
+    length = class_aware.class_aware_epoch_length(np.asarray(labels), num_classes)
+    return steps_per_epoch(length, batch_size)
+  return steps_per_epoch(len(labels), batch_size)
+
+
+def epoch_order(sampler: SamplerLike, labels: np.ndarray, seed: int, epoch: int,
+                size: int) -> np.ndarray:
+  """The first `size` training indices of `epoch`: a permutation ("instance"), a
+  class-balanced draw (a class uniformly, then one of its images; cRT's sampler), or
+  the class-aware stream (`size` samples per epoch, `class_aware.class_aware_epoch`)."""
+  sampler = as_sampler(sampler)
+  if sampler.name == "instance":
     return batching.epoch_permutation(seed, epoch, len(labels))[:size]
-  if sampler == "class_balanced":
+  if sampler.name == "class_balanced":
     return batching.class_balanced_indices(labels, size, seed, epoch)
-  raise InvalidInputError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+  return class_aware.class_aware_epoch(np.asarray(labels), seed, epoch,
+                                       int(sampler.samples_per_class), epoch_length=size)
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
@@ -122,12 +185,17 @@ class InMemoryDataset:
   def info(self, many_threshold: int, few_threshold: int) -> dict:
     return data_info(self, many_threshold, few_threshold)
 
+  def steps_for(self, sampler: SamplerLike) -> int:
+    """Global steps per epoch of `sampler` (`sampler_steps_per_epoch`)."""
+    return sampler_steps_per_epoch(sampler, self.data.y_train, self.batch_size, self.num_classes)
+
   def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
-                    sampler: str = "instance") -> Iterator[tuple[int, dict, dict | None]]:
-    d, size = self.data, self.steps_per_epoch * self.batch_size
+                    sampler: SamplerLike = "instance") -> Iterator[tuple[int, dict, dict | None]]:
+    d, per_epoch = self.data, self.steps_for(sampler)
+    size = per_epoch * self.batch_size
     order, order_epoch = None, None
     for step in range(start_step, end_step):
-      epoch, index = divmod(step, self.steps_per_epoch)
+      epoch, index = divmod(step, per_epoch)
       if epoch != order_epoch:
         order, order_epoch = epoch_order(sampler, d.y_train, self.seed, epoch, size), epoch
       idx = order[index * self.batch_size:(index + 1) * self.batch_size]

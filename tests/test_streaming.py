@@ -176,6 +176,22 @@ def test_class_balanced_sampler_reads_the_rows_of_its_draw(lists):
                                                          (0.229, 0.224, 0.225)), labels[rows])
 
 
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_class_aware_sampler_reads_4_per_class_and_its_epoch_length(lists, iterations):
+  data = load(tiny_config(lists))
+  labels = split_lists.read_split_list(lists["train_list"]).labels
+  sampler = datasets.Sampler("class_aware", 4, iterations)
+  per_epoch = iterations or (12 * 3) // 4  # max n_c x C samples, full batches of 4
+  assert data.steps_for(sampler) == per_epoch
+  items = list(data.train_batches(per_epoch - 1, per_epoch + 2, with_meta=False,
+                                  sampler=sampler))
+  assert [step for step, _, _ in items] == list(range(per_epoch - 1, per_epoch + 2))
+  for _, batch, _ in items:  # batch of 4 = one group of 4 consecutive images of one class
+    decoded = split_list_data.decode(batch["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    np.testing.assert_array_equal(decoded, batch["label"])
+    assert len(set(batch["label"].tolist())) == 1
+
+
 @pytest.mark.usefixtures("fast_compilation")
 def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
   """Stage 1 (2 steps) then each stage-2 method (2 steps) on the streamed JPEG lists."""
@@ -195,3 +211,18 @@ def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
     assert (results["stage1"]["restored_test"]["overall"]
             == stage1_results["final_test"]["overall"])
     assert (results["stage2"]["logit_scales"] is None) == (method == "crt")
+  # The public ImageNet-LT / Places-LT form: LWS scales only on the LAS loss, class-aware
+  # sampling with a fixed epoch, shifted BN of one layer, the best-test stage-1 state.
+  config2 = _stage2.add_stage2_fields(tiny_config(lists, model="small_cnn", method="ce",
+                                                  progress_bar=False, augment=False))
+  config2.stage1_workdir = str(tmp_path / "stage1")
+  s = config2.stage2
+  s.method, s.las_head, s.sampler, s.iterations_per_epoch = "las", False, "class_aware", 2
+  s.shift_bn, s.shift_bn_only, s.init_checkpoint = True, "bn3", "best_test"
+  s.lr_schedule, s.num_epochs, s.batch_size, s.learning_rate = "per_epoch_cosine", 2, 4, 0.1
+  s.scales_weight_decay = 2e-4
+  results = stage2.train_stage2(config2, str(tmp_path / "public"))
+  assert results["steps"] == 4 and results["steps_per_epoch"] == 2
+  assert results["stage2"]["trainable"] == ["scales"]
+  assert results["stage2"]["init_checkpoint"] == "best_test"
+  assert results["history"]["learning_rate"] == pytest.approx([0.1, 0.05])  # 0.05 (1 + cos(pi e/2))
