@@ -301,6 +301,7 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         "meta_grad": stage1_results["config"].get("meta_grad"),
         "final_test": _without_per_class(stage1_results.get("final_test")),
         "best_val_test": _without_per_class(stage1_results.get("best_val_test")),
+        "max_test": _without_per_class(stage1_results.get("max_test")),
         "restored_test": _without_per_class(_restored_test(setup, config, groups))}
     results["stage2"] = {
         "method": s.method, "sampler": s.sampler, "shift_bn": bool(s.shift_bn),
