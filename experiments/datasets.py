@@ -30,9 +30,12 @@ uninterrupted run read:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import pickle
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from dnet_jax.data import augment
 from dnet_jax.data import batching
 from dnet_jax.data import class_aware
 from dnet_jax.data import long_tail
+from dnet_jax.data import public_cifar
 from dnet_jax.data import sources
 from experiments import validation
 from experiments.errors import InvalidInputError
@@ -130,10 +134,14 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
   return num_train // batch_size
 
 
-def normalization_stats(data: long_tail.LongTailedData):
-  """Per-channel (mean, std): the published values for CIFAR, else from the train set."""
-  if data.name in _KNOWN_STATS:
-    mean, std = _KNOWN_STATS[data.name]
+def normalization_stats(data: long_tail.LongTailedData, override: str = ""):
+  """Per-channel (mean, std): `override`'s published values (e.g. "cifar100"), else the
+  published values for CIFAR, else from the train set."""
+  if override and override not in _KNOWN_STATS:
+    raise InvalidInputError(f"Unknown normalize_stats {override!r}; choose '' or one of: "
+                            f"{', '.join(_KNOWN_STATS)}.")
+  if override or data.name in _KNOWN_STATS:
+    mean, std = _KNOWN_STATS[override or data.name]
   else:
     mean, std = augment.channel_mean_std(data.x_train)
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -141,7 +149,7 @@ def normalization_stats(data: long_tail.LongTailedData):
 
 def make_preprocessors(config, data: long_tail.LongTailedData):
   """(train, meta, eval) `fn(rng, uint8 images) -> float32`, run on the device."""
-  mean, std = normalization_stats(data)
+  mean, std = normalization_stats(data, str(config.get("normalize_stats", "") or ""))
   train = augment.make_preprocess(mean, std, augment=bool(config.augment),
                                   cutout_size=int(config.cutout_size))
   meta = augment.make_preprocess(mean, std, augment=bool(config.augment and config.augment_meta),
@@ -160,11 +168,65 @@ def data_info(dataset, many_threshold: int, few_threshold: int) -> dict:
           "many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
 
 
+HOST_TRANSFORMS = ("", "public_cifar")
+
+
+def make_host_transform(config) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
+  """The host (numpy) training transform `config.host_transform` names, or None.
+
+  "public_cifar": the public CIFAR train transform (`public_cifar.public_train_transform`:
+  double-padded crop + flip, AutoAugment CIFAR-10 policy, Cutout 16 with the image-mean
+  fill; `cutout_public_typo` switches AA:266's `left = ... else top`), uint8 in and out;
+  the device then only normalises (config.augment must be False).
+  """
+  name = str(config.get("host_transform", "") or "")
+  if name not in HOST_TRANSFORMS:
+    raise InvalidInputError(f"Unknown host_transform {name!r}; choose one of: "
+                            f"{', '.join(repr(n) for n in HOST_TRANSFORMS)}.")
+  if not name:
+    return None
+  if bool(config.augment):
+    raise InvalidInputError(
+        f"host_transform={name!r} already crops and flips on the host; set "
+        "--config.augment=False (the device would augment a second time).")
+  typo, size = bool(config.get("cutout_public_typo", True)), int(config.get("cutout_size", 16))
+  if size < 1:
+    raise InvalidInputError(f"host_transform={name!r} needs cutout_size >= 1 (the public "
+                            f"recipe: 16), got {size}.")
+  return functools.partial(public_cifar.public_train_transform, public_typo=typo,
+                           cutout_size=size)
+
+
+def _ordered_prefetch(fn: Callable, items, workers: int) -> Iterator:
+  """`fn(item)` for each item, in order, computed by `workers` threads up to 2 x workers
+  items ahead (0 workers: inline). numpy, scipy.ndimage and PIL release the GIL in
+  their inner loops, so threads overlap the host transform with the device step."""
+  if workers <= 0:
+    yield from (fn(item) for item in items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
 class InMemoryDataset:
-  """A `LongTailedData` (uint8 arrays on the host) read in global batches, cut per process."""
+  """A `LongTailedData` (uint8 arrays on the host) read in global batches, cut per process.
+
+  `host_transform(uint8 images, numpy Generator) -> uint8 images`, if given, is
+  applied to every training batch (not to meta or evaluation batches) with the
+  generator `public_cifar.transform_rng(seed, epoch, index in epoch)`, so a batch
+  stays a pure function of (seed, epoch, index) and a resumed run reads the same
+  pixels; `host_workers` threads compute batches ahead of the loop.
+  """
 
   def __init__(self, data: long_tail.LongTailedData, *, batch_size: int, meta_batch_size: int,
-               eval_batch_size: int, seed: int, preprocessors):
+               eval_batch_size: int, seed: int, preprocessors, host_transform=None,
+               host_workers: int = 0):
     self.data = data
     self.name, self.num_classes = data.name, data.num_classes
     self.class_counts = np.asarray(data.class_counts)
@@ -175,6 +237,7 @@ class InMemoryDataset:
     self.eval_batch_size, self.seed = eval_batch_size, seed
     self.steps_per_epoch = steps_per_epoch(self.num_train, batch_size)
     self.preprocessors = preprocessors
+    self.host_transform, self.host_workers = host_transform, int(host_workers)
 
   def shot_groups(self, many_threshold: int = 100, few_threshold: int = 20):
     return long_tail.shot_groups(self.class_counts, many_threshold, few_threshold)
@@ -191,21 +254,39 @@ class InMemoryDataset:
 
   def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
                     sampler: SamplerLike = "instance") -> Iterator[tuple[int, dict, dict | None]]:
-    d, per_epoch = self.data, self.steps_for(sampler)
-    size = per_epoch * self.batch_size
-    order, order_epoch = None, None
-    for step in range(start_step, end_step):
+    per_epoch = self.steps_for(sampler)
+    orders = {}
+
+    def batch_at(step: int):
+      d = self.data
       epoch, index = divmod(step, per_epoch)
-      if epoch != order_epoch:
-        order, order_epoch = epoch_order(sampler, d.y_train, self.seed, epoch, size), epoch
-      idx = order[index * self.batch_size:(index + 1) * self.batch_size]
-      batch = {"image": d.x_train[idx], "label": d.y_train[idx]}
+      if epoch not in orders:  # at most two epochs in flight
+        orders.pop(epoch - 2, None)
+        orders[epoch] = epoch_order(sampler, d.y_train, self.seed, epoch,
+                                    per_epoch * self.batch_size)
+      idx = orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
+      images = d.x_train[idx]
+      if self.host_transform is not None:
+        images = self.host_transform(images, public_cifar.transform_rng(self.seed, epoch, index))
       meta = None
       if with_meta:
         midx = batching.meta_batch_indices(self.seed, step, self.num_meta, self.meta_batch_size)
         meta = distributed.global_batch_to_local({"image": d.x_meta[midx],
                                                   "label": d.y_meta[midx]})
-      yield step, distributed.global_batch_to_local(batch), meta
+      return step, distributed.global_batch_to_local({"image": images, "label": d.y_train[idx]}), meta
+
+    # The epoch orders are computed in order on this thread before a worker needs them.
+    def ordered_steps():
+      for step in range(start_step, end_step):
+        epoch = step // per_epoch
+        if epoch not in orders:
+          orders.pop(epoch - 2, None)
+          orders[epoch] = epoch_order(sampler, self.data.y_train, self.seed, epoch,
+                                      per_epoch * self.batch_size)
+        yield step
+
+    workers = self.host_workers if self.host_transform is not None else 0
+    yield from _ordered_prefetch(batch_at, ordered_steps(), workers)
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     if split not in EVAL_SPLITS:
@@ -265,6 +346,12 @@ def load(config, *, batch_size: int | None = None, with_meta: bool | None = None
     return streaming.load(config, batch_size=batch_size, with_meta=with_meta)
   data = _load_arrays(config)
   check_arrays(data, config, batch_size=batch_size, meta_batch_size=meta_batch_size)
+  host_transform = make_host_transform(config)
+  if (int(config.get("stage", 1)) == 2
+      and str(config.stage2.get("train_transform", "stage1")) == "test"):
+    host_transform = None
   return InMemoryDataset(data, batch_size=batch_size, meta_batch_size=meta_batch_size,
                          eval_batch_size=int(config.eval_batch_size), seed=int(config.seed),
-                         preprocessors=make_preprocessors(config, data))
+                         preprocessors=make_preprocessors(config, data),
+                         host_transform=host_transform,
+                         host_workers=int(config.get("host_workers", 0)))

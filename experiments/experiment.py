@@ -93,6 +93,10 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   if config.lr_schedule == "cosine":
     return optim.cosine_schedule(base, int(config.num_epochs) * steps_per_epoch,
                                  int(config.warmup_epochs) * steps_per_epoch)
+  if config.lr_schedule == "public_cifar":
+    return schedules.public_cifar_stage1_schedule(
+        steps_per_epoch, base, int(config.get("lr_ramp_epochs", 400)),
+        tuple(int(e) for e in config.lr_decay_epochs), float(config.lr_decay_factor))
   return lambda step: jnp.full((), base, jnp.float32)
 
 
@@ -101,7 +105,7 @@ def _schedule_fields(config, steps_per_epoch: int) -> dict:
             "steps_per_epoch": steps_per_epoch}
   if config.lr_schedule == "cosine":
     fields.update(num_epochs=int(config.num_epochs), warmup_epochs=int(config.warmup_epochs))
-  elif config.lr_schedule == "step":
+  elif config.lr_schedule in ("step", "public_cifar"):
     fields.update(warmup_epochs=int(config.warmup_epochs),
                   lr_decay_epochs=[int(e) for e in config.lr_decay_epochs],
                   lr_decay_factor=float(config.lr_decay_factor))
