@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -26,6 +27,7 @@ from dnet_jax.models import build_classifier
 from dnet_jax.state import create_train_state
 from experiments import checkpointing
 from experiments import datasets
+from experiments import errors
 from experiments import methods
 from experiments import pretrained_init
 
@@ -240,6 +242,20 @@ def _stage2_preprocessors(config, dataset):
   return train, meta, evaluate
 
 
+def _check_shift_bn_pattern(config, batch_stats) -> None:
+  """InvalidInputError if `stage2.shift_bn_only` matches no BatchNorm of the network."""
+  s = config.stage2
+  pattern = str(s.get("shift_bn_only", ""))
+  if not (bool(s.shift_bn) and pattern):
+    return
+  paths = sorted({"/".join(str(getattr(k, "key", k)) for k in path[:-1])
+                  for path, _ in jax.tree_util.tree_leaves_with_path(batch_stats or {})})
+  if not any(re.search(pattern, p) for p in paths):
+    raise errors.InvalidInputError(
+        f"stage2.shift_bn_only={pattern!r} matches no BatchNorm layer of {config.model}; its "
+        f"BatchNorm layers are {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}.")
+
+
 def build_stage2(config, dataset, params, batch_stats) -> Experiment:
   """Stage 2 (`config.stage2.method`) on the stage-1 network (params, batch_stats)."""
   s, num_classes = config.stage2, dataset.num_classes
@@ -249,6 +265,7 @@ def build_stage2(config, dataset, params, batch_stats) -> Experiment:
   eps_head, eps_tail = las_smoothing(config)
   loss_fn = s2.make_stage2_loss_fn(s.method, dataset.class_counts, eps_head=eps_head,
                                    eps_tail=eps_tail, off_target=s.las_off_target)
+  _check_shift_bn_pattern(config, batch_stats)
   sampler = stage2_sampler(config)
   spe = dataset.steps_for(sampler)
   schedule = stage2_schedule(config, spe)

@@ -543,3 +543,10 @@ def test_sigterm_on_the_last_step_then_two_reruns(stage1_run, tmp_path, monkeypa
                      match=r"another learning-rate schedule: stage2\.num_epochs: 1 there, 3 now.*"
                            r"--config\.stage2\.num_epochs=1"):
     stage2.train_stage2(config, workdir)
+
+
+def test_shift_bn_pattern_matching_no_batchnorm_is_a_clear_error(stage1_run, tmp_path):
+  config = _stage2_config(stage1_run[0])
+  config.stage2.shift_bn, config.stage2.shift_bn_only = True, "(^|/)extra_block/"
+  with pytest.raises(errors.InvalidInputError, match="matches no BatchNorm .* bn1"):
+    stage2.train_stage2(config, str(tmp_path / "x"))

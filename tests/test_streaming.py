@@ -18,6 +18,8 @@ from experiments import stage2
 from experiments import streaming
 from experiments import trainer
 from experiments.configs import _stage2
+from experiments.configs import imagenet_lt_stage2
+from experiments.configs import places_lt_stage2
 from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
@@ -211,18 +213,22 @@ def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
     assert (results["stage1"]["restored_test"]["overall"]
             == stage1_results["final_test"]["overall"])
     assert (results["stage2"]["logit_scales"] is None) == (method == "crt")
-  # The public ImageNet-LT / Places-LT form: LWS scales only on the LAS loss, class-aware
-  # sampling with a fixed epoch, shifted BN of one layer, the best-test stage-1 state.
-  config2 = _stage2.add_stage2_fields(tiny_config(lists, model="small_cnn", method="ce",
-                                                  progress_bar=False, augment=False))
-  config2.stage1_workdir = str(tmp_path / "stage1")
-  s = config2.stage2
-  s.method, s.las_head, s.sampler, s.iterations_per_epoch = "las", False, "class_aware", 2
-  s.shift_bn, s.shift_bn_only, s.init_checkpoint = True, "bn3", "best_test"
-  s.lr_schedule, s.num_epochs, s.batch_size, s.learning_rate = "per_epoch_cosine", 2, 4, 0.1
-  s.scales_weight_decay = 2e-4
-  results = stage2.train_stage2(config2, str(tmp_path / "public"))
-  assert results["steps"] == 4 and results["steps_per_epoch"] == 2
-  assert results["stage2"]["trainable"] == ["scales"]
-  assert results["stage2"]["init_checkpoint"] == "best_test"
-  assert results["history"]["learning_rate"] == pytest.approx([0.1, 0.05])  # 0.05 (1 + cos(pi e/2))
+  # The public ImageNet-LT / Places-LT stage 2 (their configs' sections, shrunk): LWS scales
+  # only on the LAS loss, class-aware sampling with a fixed epoch, shifted BN (all layers /
+  # one layer: the small CNN has no `extra_block`), the best-test stage-1 state.
+  for name, section in (("imagenet", imagenet_lt_stage2.public_stage2_section()),
+                        ("places", places_lt_stage2.public_stage2_section())):
+    config2 = _stage2.add_stage2_fields(tiny_config(lists, model="small_cnn", method="ce",
+                                                    progress_bar=False, augment=False), section)
+    config2.stage1_workdir = str(tmp_path / "stage1")
+    s = config2.stage2
+    s.iterations_per_epoch, s.num_epochs, s.batch_size, s.learning_rate = 2, 2, 4, 0.1
+    if s.shift_bn_only:
+      s.shift_bn_only = "bn3"
+    results = stage2.train_stage2(config2, str(tmp_path / name))
+    assert results["steps"] == 4 and results["steps_per_epoch"] == 2
+    assert results["stage2"]["trainable"] == ["scales"]
+    assert results["stage2"]["init_checkpoint"] == "best_test"
+    assert results["stage2"]["las_eps_head"] == {"imagenet": 0.3, "places": 0.4}[name]
+    # per-epoch cosine: 0.05 (1 + cos(pi e / 2)) in epoch e
+    assert results["history"]["learning_rate"] == pytest.approx([0.1, 0.05])
