@@ -84,6 +84,12 @@ def validate_stage2_config(config) -> None:
   if str(s.get("train_transform", "stage1")) not in ("stage1", "test"):
     raise errors.InvalidInputError(f"Unknown stage2.train_transform {s.train_transform!r}; "
                                    "choose stage1 or test.")
+  if str(s.get("train_transform", "stage1")) == "test":
+    from experiments import streaming  # pylint: disable=g-import-not-at-top
+    if streaming.is_streaming(config):
+      raise errors.InvalidInputError(
+          "stage2.train_transform='test' is for in-memory data sets; streamed data is "
+          "augmented by tf.data as in stage 1. Set --config.stage2.train_transform=stage1.")
   pattern = str(s.get("shift_bn_only", ""))
   try:
     re.compile(pattern)
