@@ -41,7 +41,9 @@ the state, never differentiated.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from typing import Any, Mapping
 
 import flax
@@ -179,10 +181,12 @@ def merge_head(params: Mapping[str, Any], head: Any, head_name: str = DEFAULT_HE
 
 def stage2_trainable(method: str, params: Mapping[str, Any], num_classes: int, *,
                      head_name: str = DEFAULT_HEAD, new_head: Any = None,
-                     las_scales: bool = True) -> dict:
+                     las_scales: bool = True, las_head: bool = True) -> dict:
   """The parameters that stage 2 trains, by method:
 
-    las: {"head": stage-1 classifier layer, "scales": ones(C)} (no scales if las_scales=False)
+    las: {"head": stage-1 classifier layer, "scales": ones(C)} (no scales if
+         las_scales=False; no head if las_head=False: LWS scales on the LAS loss,
+         the public ImageNet-LT / Places-LT stage 2)
     crt: {"head": new_head}   (a freshly initialised classifier layer; required)
     lws: {"scales": ones(C)}
 
@@ -191,7 +195,10 @@ def stage2_trainable(method: str, params: Mapping[str, Any], num_classes: int, *
   _, head = split_head(params, head_name)
   scales = jnp.ones((num_classes,), jnp.float32)
   if method == "las":
-    return {HEAD: head, SCALES: scales} if las_scales else {HEAD: head}
+    if not (las_head or las_scales):
+      raise ValueError("las with neither the head nor the scales would train nothing.")
+    trainable = {HEAD: head} if las_head else {}
+    return dict(trainable, **{SCALES: scales}) if las_scales else trainable
   if method == "crt":
     if new_head is None:
       raise ValueError("cRT re-initialises the classifier layer: pass new_head=.")
@@ -204,12 +211,17 @@ def stage2_trainable(method: str, params: Mapping[str, Any], num_classes: int, *
 
 
 def stage2_optimizer(learning_rate, *, momentum: float = 0.9, weight_decay: float = 2e-4,
-                     head_lr_factor: float = 1.0, nesterov: bool = False) -> optax.GradientTransformation:
+                     head_lr_factor: float = 1.0, nesterov: bool = False,
+                     scales_weight_decay: float = 0.0) -> optax.GradientTransformation:
   """SGD with momentum on the stage-2 trainables, one group each:
 
     head:   L2 weight decay + SGD at head_lr_factor * learning_rate
             (MiSLAS trains the stage-1 head at 0.2 x the scales' rate next to LWS),
-    scales: SGD at learning_rate, no weight decay (it would pull the scales to 0).
+    scales: L2 `scales_weight_decay` (default 0: it pulls the scales to 0; the
+            public Difficulty-Net stage 2 uses 1e-4 on CIFAR, C2, 2e-4 / 5e-4 on
+            ImageNet-LT / Places-LT) + SGD at learning_rate.
+
+  L2 here is torch's SGD weight decay: g + wd * p before momentum.
 
   `learning_rate` is a number or a schedule `step -> lr`.
   """
@@ -220,7 +232,8 @@ def stage2_optimizer(learning_rate, *, momentum: float = 0.9, weight_decay: floa
   transforms = {
       HEAD: optax.chain(optax.add_decayed_weights(weight_decay),
                         optax.sgd(head_lr, momentum=momentum, nesterov=nesterov)),
-      SCALES: optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      SCALES: optax.chain(optax.add_decayed_weights(scales_weight_decay),
+                          optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)),
   }
 
   def labels(trainable):
@@ -265,19 +278,49 @@ def create_stage2_state(rng: jax.Array, params, batch_stats, trainable, tx) -> S
                      rng=jnp.asarray(rng, jnp.uint32))
 
 
+@contextlib.contextmanager
+def batchnorm_train_only(pattern: str):
+  """Within this context, a Flax linen `nn.BatchNorm` runs in training mode only if its
+  module path ("/"-joined names, e.g. "layer4_2/bn1") matches the regular expression
+  `pattern` (`re.search`); the others use their running statistics and keep them.
+
+  Used with a model applied in training mode, so that only the matched BatchNorm
+  layers are "shifted" (the public Places-LT stage 2 re-estimates only the new
+  block's). It only reaches Flax linen BatchNorm modules.
+  """
+  regex = re.compile(pattern)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"
+        and not regex.search("/".join(module.scope.path))):
+      # The module object lives for this apply only; evaluation mode for it alone.
+      object.__setattr__(module, "use_running_average", True)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
 def stage2_logits(model: nn.Module, params, batch_stats, trainable, images, *,
                   head_name: str = DEFAULT_HEAD, train_batchnorm: bool = False,
-                  rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+                  rng: jax.Array | None = None,
+                  batchnorm_pattern: str = "") -> tuple[jax.Array, Any]:
   """(logits, batch_stats) of the stage-2 classifier: the frozen network with the trained
   head, then `logits * scales` if scales are trained (LWS: z_c f_c).
 
   `train_batchnorm=False` (the default) runs BatchNorm on its stored running
   statistics, so the backbone is exactly the stage-1 network in evaluation mode.
+  `train_batchnorm=True` with a `batchnorm_pattern` trains only the BatchNorm
+  layers whose path matches it (`batchnorm_train_only`).
   """
   if HEAD in trainable:
     params = merge_head(params, trainable[HEAD], head_name)
-  logits, batch_stats = apply_classifier(model, params, batch_stats, images,
-                                         train=train_batchnorm, rng=rng)
+  context = (batchnorm_train_only(batchnorm_pattern) if train_batchnorm and batchnorm_pattern
+             else contextlib.nullcontext())
+  with context:
+    logits, batch_stats = apply_classifier(model, params, batch_stats, images,
+                                           train=train_batchnorm, rng=rng)
   if SCALES in trainable:
     logits = logits * trainable[SCALES].astype(logits.dtype)
   return logits, batch_stats
@@ -286,6 +329,7 @@ def stage2_logits(model: nn.Module, params, batch_stats, trainable, images, *,
 def stage2_step(state: Stage2State, batch: dict, *, model: nn.Module,
                 tx: optax.GradientTransformation, loss_fn: losses.LossFn = losses.cross_entropy,
                 head_name: str = DEFAULT_HEAD, shift_bn: bool = False,
+                shift_bn_pattern: str = "",
                 axis_name: str | None = None) -> tuple[Stage2State, dict]:
   """One stage-2 update: L(trainable) = (1/B) sum_i loss_fn(z_i, y_i), gradient in the
   trainables only, then `tx`. The backbone parameters are never differentiated.
@@ -294,6 +338,8 @@ def stage2_step(state: Stage2State, batch: dict, *, model: nn.Module,
   stage-1 statistics. True is MiSLAS's "shifted BatchNorm": the backbone runs in
   training mode (batch statistics; class-balanced batches) and its running
   statistics are updated; BatchNorm's scale and shift parameters still stay frozen.
+  `shift_bn_pattern` (with shift_bn) limits that to the BatchNorm layers whose
+  module path matches the regular expression (`batchnorm_train_only`).
   """
   images, labels = batch["image"], batch["label"]
   rng = state.step_key() if shift_bn else None
@@ -302,7 +348,8 @@ def stage2_step(state: Stage2State, batch: dict, *, model: nn.Module,
 
   def loss(trainable):
     logits, new_stats = stage2_logits(model, state.params, state.batch_stats, trainable, images,
-                                      head_name=head_name, train_batchnorm=shift_bn, rng=rng)
+                                      head_name=head_name, train_batchnorm=shift_bn, rng=rng,
+                                      batchnorm_pattern=shift_bn_pattern)
     per_example = loss_fn(logits, labels)
     return jnp.mean(per_example), (logits, new_stats)
 

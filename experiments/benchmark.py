@@ -11,7 +11,11 @@ to the plain CE step are fair even on a noisy shared machine.
 
 For each step it reports: compile time, median step time after warm-up,
 train images/s, ratio to the plain CE step, XLA's FLOP count, and peak device
-memory where the backend reports it. `--cpu_flags` chooses XLA:CPU settings
+memory where the backend reports it. With `--host_transform=public_cifar` (the
+public CIFAR recipe's AutoAugment + Cutout, run on the host) it also times that
+transform on one thread and prints its images/s per CPU core next to each
+step's images/s, and the cores a loader needs to keep that step fed
+(`host_workers` threads in the runner). `--cpu_flags` chooses XLA:CPU settings
 (see `experiments.platform_flags`); the table header prints what ran.
 """
 
@@ -23,6 +27,8 @@ import statistics
 import time
 
 from absl import app, flags
+
+from experiments.benchmark_report import format_table, host_transform_rate
 
 _MODEL = flags.DEFINE_string("model", "resnet32", "Classifier: resnet32 | small_cnn | resnet50 | ...")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Number of classes.")
@@ -41,6 +47,8 @@ _CPU_FLAGS = flags.DEFINE_string("cpu_flags", "default",
                                  "XLA:CPU preset from experiments.platform_flags.CPU_PRESETS, or 'none'.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the results as JSON here.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_HOST_TRANSFORM = flags.DEFINE_enum("host_transform", "none", ["none", "public_cifar"],
+                                    "Also time this host transform (images/s per core).")
 
 
 def _variant_kwargs(name: str, meta_interval: int):
@@ -180,17 +188,6 @@ def _peak_memory_gib(device):
   return stats["peak_bytes_in_use"] / 2**30
 
 
-def format_table(results, header: str) -> str:
-  lines = [header,
-           f"{'variant':<22}{'compile s':>10}{'step s':>10}{'cpu s':>8}{'img/s':>10}{'x CE':>7}{'GFLOP':>9}{'peak GiB':>10}"]
-  for r in results:
-    fmt = lambda v, f: (f % v) if v is not None else "-"
-    lines.append(f"{r['variant']:<22}{r['compile_s']:>10.1f}{r['step_s']:>10.3f}{r['process_cpu_s']:>8.2f}"
-                 f"{r['images_per_s']:>10.0f}{fmt(r['ratio_to_ce'], '%.2f'):>7}"
-                 f"{fmt(r['gflop'], '%.1f'):>9}{fmt(r['peak_memory_gib'], '%.2f'):>10}")
-  return "\n".join(lines)
-
-
 def main(argv):
   del argv
   from experiments import platform_flags
@@ -213,7 +210,12 @@ def main(argv):
             f"cpus={env['cpu_count']} preset={applied} XLA_FLAGS='{env['XLA_FLAGS']}'\n"
             f"model={env['model']} classes={env['num_classes']} image={env['image_size']} "
             f"batch={env['batch_size']} meta_batch={env['meta_batch_size']} dtype={env['dtype']}")
-  print(format_table(results, header))
+  host_rate = None
+  if _HOST_TRANSFORM.value == "public_cifar":
+    host_rate = host_transform_rate(_BATCH.value, _IMAGE_SIZE.value, seed=_SEED.value)
+    env["host_transform"] = {"name": "public_cifar", "images_per_s_per_core": host_rate}
+    header += f"\nhost transform public_cifar: {host_rate:.0f} images/s per core"
+  print(format_table(results, header, host_rate))
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w") as f:

@@ -333,10 +333,12 @@ def aggregate(table_runs: Sequence[Run], results: dict[str, dict]) -> list[dict]
   out = []
   for row_key in order:
     row = rows[row_key]
-    for block, name in (("final_test", "final"), ("best_val_test", "best_val")):
+    for block, name in (("final_test", "final"), ("best_val_test", "best_val"),
+                        ("max_test", "max_test")):
       row[name] = {}
       for group in GROUPS:
-        values = [results[d][block][group] for d in row["dirs"]]
+        # max_test: the public code's maximum test accuracy over epochs (older runs lack it).
+        values = [(results[d].get(block) or {}).get(group) for d in row["dirs"]]
         row[name][group] = (None if any(v is None for v in values)
                             else mean_std([100.0 * v for v in values]))
     out.append(row)

@@ -8,9 +8,13 @@ Both implementations (this module and `experiments/streaming.py`) give:
   summary()                       one line for the log
   info(many, few)                 the "data" block of results.json
   preprocessors                   (train, meta, eval) on-device `fn(rng, images) -> float32`
+  steps_for(sampler)              global steps per epoch of a sampler (`Sampler`)
   train_batches(start, end, with_meta=, sampler=)
                                   yields (step, train batch, meta batch or None), this
-                                  process's part of each global batch
+                                  process's part of each global batch; `sampler` is a
+                                  name ("instance", "class_balanced", "class_aware") or a
+                                  `Sampler` (class-aware: samples per class, iterations
+                                  per epoch)
   eval_batches(split)             "meta" (validation) or "test": this process's padded
                                   batches {"image", "label", "mask"}, covering the split once
 
@@ -18,7 +22,7 @@ Every batch is a pure function of (seed, epoch) or (seed, step), never of an
 iterator carried along, so a run resumed at any step reads exactly what the
 uninterrupted run read:
   * train batch b of epoch e: rows [b*B, (b+1)*B) of `epoch_order(sampler, ...)`
-    (the last incomplete batch is dropped);
+    (the last incomplete batch is dropped; `steps_for(sampler)` batches per epoch);
   * meta batch of step s: `batching.meta_batch_indices(seed, s, n_meta, B_meta)`.
 `load(config, batch_size=...)` checks the config against the data and raises
 `InvalidInputError` naming the setting to change.
@@ -26,20 +30,26 @@ uninterrupted run read:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
+import functools
 import pickle
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
 from dnet_jax import distributed
 from dnet_jax.data import augment
 from dnet_jax.data import batching
+from dnet_jax.data import class_aware
 from dnet_jax.data import long_tail
+from dnet_jax.data import public_cifar
 from dnet_jax.data import sources
 from experiments import validation
 from experiments.errors import InvalidInputError
 
-SAMPLERS = ("instance", "class_balanced")
+SAMPLERS = ("instance", "class_balanced", "class_aware")
 EVAL_SPLITS = ("meta", "test")
 # Published per-channel statistics (in [0, 1] units) by data set name.
 _KNOWN_STATS = {
@@ -48,14 +58,71 @@ _KNOWN_STATS = {
 }
 
 
-def epoch_order(sampler: str, labels: np.ndarray, seed: int, epoch: int, size: int) -> np.ndarray:
-  """The first `size` training indices of `epoch`: a permutation ("instance") or a
-  class-balanced draw (a class uniformly, then one of its images; cRT's sampler)."""
-  if sampler == "instance":
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a training epoch is drawn.
+
+  Attributes:
+    name: "instance" (a permutation of the training set), "class_balanced" (a
+      class uniformly, then one of its images; cRT's sampler) or "class_aware"
+      (the public code's ClassAwareSampler, `dnet_jax.data.class_aware`:
+      `samples_per_class` consecutive images of a class, classes in reshuffled
+      cycles, continued across epochs).
+    samples_per_class: class_aware only (the public code: 4).
+    iterations_per_epoch: global steps per epoch; 0 = the sampler's own length:
+      floor(N / B) for instance and class_balanced, floor(max_c n_c x C / B) for
+      class_aware (the public DataLoader keeps the last partial batch; here
+      batches have a static shape, so it is dropped). A class-aware epoch is
+      the next (steps x B) samples of the class-aware stream. The public
+      ImageNet-LT / Places-LT stage 2 fixes it (907 / 246).
+  """
+  name: str = "instance"
+  samples_per_class: int = 4
+  iterations_per_epoch: int = 0
+
+  def __post_init__(self):
+    if self.name not in SAMPLERS:
+      raise InvalidInputError(f"Unknown sampler {self.name!r}; choose one of: "
+                              f"{', '.join(SAMPLERS)}.")
+    if int(self.samples_per_class) < 1 or int(self.iterations_per_epoch) < 0:
+      raise InvalidInputError(
+          f"The {self.name} sampler needs samples_per_class >= 1 and iterations_per_epoch >= 0 "
+          f"(0 = the sampler's own epoch length); got {self.samples_per_class} and "
+          f"{self.iterations_per_epoch}.")
+
+
+SamplerLike = Union[str, Sampler]
+
+
+def as_sampler(sampler: SamplerLike) -> Sampler:
+  """A `Sampler` from a name or a `Sampler`."""
+  return sampler if isinstance(sampler, Sampler) else Sampler(str(sampler))
+
+
+def sampler_steps_per_epoch(sampler: SamplerLike, labels: np.ndarray, batch_size: int,
+                            num_classes: int | None = None) -> int:
+  """Global steps per epoch of `sampler` over training `labels` (see `Sampler`)."""
+  sampler = as_sampler(sampler)
+  if sampler.iterations_per_epoch:
+    return int(sampler.iterations_per_epoch)
+  if sampler.name == "class_aware":
+    length = class_aware.class_aware_epoch_length(np.asarray(labels), num_classes)
+    return steps_per_epoch(length, batch_size)
+  return steps_per_epoch(len(labels), batch_size)
+
+
+def epoch_order(sampler: SamplerLike, labels: np.ndarray, seed: int, epoch: int,
+                size: int) -> np.ndarray:
+  """The first `size` training indices of `epoch`: a permutation ("instance"), a
+  class-balanced draw (a class uniformly, then one of its images; cRT's sampler), or
+  the class-aware stream (`size` samples per epoch, `class_aware.class_aware_epoch`)."""
+  sampler = as_sampler(sampler)
+  if sampler.name == "instance":
     return batching.epoch_permutation(seed, epoch, len(labels))[:size]
-  if sampler == "class_balanced":
+  if sampler.name == "class_balanced":
     return batching.class_balanced_indices(labels, size, seed, epoch)
-  raise InvalidInputError(f"Unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}.")
+  return class_aware.class_aware_epoch(np.asarray(labels), seed, epoch,
+                                       int(sampler.samples_per_class), epoch_length=size)
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:
@@ -67,10 +134,14 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
   return num_train // batch_size
 
 
-def normalization_stats(data: long_tail.LongTailedData):
-  """Per-channel (mean, std): the published values for CIFAR, else from the train set."""
-  if data.name in _KNOWN_STATS:
-    mean, std = _KNOWN_STATS[data.name]
+def normalization_stats(data: long_tail.LongTailedData, override: str = ""):
+  """Per-channel (mean, std): `override`'s published values (e.g. "cifar100"), else the
+  published values for CIFAR, else from the train set."""
+  if override and override not in _KNOWN_STATS:
+    raise InvalidInputError(f"Unknown normalize_stats {override!r}; choose '' or one of: "
+                            f"{', '.join(_KNOWN_STATS)}.")
+  if override or data.name in _KNOWN_STATS:
+    mean, std = _KNOWN_STATS[override or data.name]
   else:
     mean, std = augment.channel_mean_std(data.x_train)
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -78,7 +149,7 @@ def normalization_stats(data: long_tail.LongTailedData):
 
 def make_preprocessors(config, data: long_tail.LongTailedData):
   """(train, meta, eval) `fn(rng, uint8 images) -> float32`, run on the device."""
-  mean, std = normalization_stats(data)
+  mean, std = normalization_stats(data, str(config.get("normalize_stats", "") or ""))
   train = augment.make_preprocess(mean, std, augment=bool(config.augment),
                                   cutout_size=int(config.cutout_size))
   meta = augment.make_preprocess(mean, std, augment=bool(config.augment and config.augment_meta),
@@ -97,11 +168,66 @@ def data_info(dataset, many_threshold: int, few_threshold: int) -> dict:
           "many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
 
 
+HOST_TRANSFORMS = ("", "public_cifar")
+
+
+def make_host_transform(config) -> Callable[[np.ndarray, np.random.Generator], np.ndarray] | None:
+  """The host (numpy) training transform `config.host_transform` names, or None.
+
+  "public_cifar": the public CIFAR train transform (`public_cifar.public_train_transform`:
+  double-padded crop + flip, AutoAugment CIFAR-10 policy, Cutout 16 with the image-mean
+  fill; `cutout_public_typo` switches AA:266's `left = ... else top`), uint8 in and out;
+  the device then only normalises (config.augment must be False).
+  """
+  name = str(config.get("host_transform", "") or "")
+  if name not in HOST_TRANSFORMS:
+    raise InvalidInputError(f"Unknown host_transform {name!r}; choose one of: "
+                            f"{', '.join(repr(n) for n in HOST_TRANSFORMS)}.")
+  if not name:
+    return None
+  if bool(config.augment):
+    raise InvalidInputError(
+        f"host_transform={name!r} already crops and flips on the host; set "
+        "--config.augment=False (the device would augment a second time).")
+  typo, size = bool(config.get("cutout_public_typo", True)), int(config.get("cutout_size", 16))
+  if size < 1:
+    raise InvalidInputError(f"host_transform={name!r} needs cutout_size >= 1 (the public "
+                            f"recipe: 16), got {size}.")
+  return functools.partial(public_cifar.public_train_transform, public_typo=typo,
+                           cutout_size=size)
+
+
+def _ordered_prefetch(fn: Callable, items, workers: int) -> Iterator:
+  """`fn(item)` for each item, in order, computed by `workers` threads up to 2 x workers
+  items ahead (0 workers: inline), overlapping the host transform with the device step.
+  The public CIFAR transform spends its time in numpy, scipy.ndimage and PIL calls that
+  run without the GIL, so threads add throughput up to the number of cores."""
+  if workers <= 0:
+    yield from (fn(item) for item in items)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
 class InMemoryDataset:
-  """A `LongTailedData` (uint8 arrays on the host) read in global batches, cut per process."""
+  """A `LongTailedData` (uint8 arrays on the host) read in global batches, cut per process.
+
+  `host_transform(uint8 images, numpy Generator) -> uint8 images`, if given, is
+  applied to every training batch (not to meta or evaluation batches) with the
+  generator `public_cifar.transform_rng(seed, epoch, index in epoch)`, so a batch
+  stays a pure function of (seed, epoch, index) and a resumed run reads the same
+  pixels; `host_workers` threads compute batches ahead of the loop.
+  """
 
   def __init__(self, data: long_tail.LongTailedData, *, batch_size: int, meta_batch_size: int,
-               eval_batch_size: int, seed: int, preprocessors):
+               eval_batch_size: int, seed: int, preprocessors, host_transform=None,
+               host_workers: int = 0):
     self.data = data
     self.name, self.num_classes = data.name, data.num_classes
     self.class_counts = np.asarray(data.class_counts)
@@ -112,6 +238,7 @@ class InMemoryDataset:
     self.eval_batch_size, self.seed = eval_batch_size, seed
     self.steps_per_epoch = steps_per_epoch(self.num_train, batch_size)
     self.preprocessors = preprocessors
+    self.host_transform, self.host_workers = host_transform, int(host_workers)
 
   def shot_groups(self, many_threshold: int = 100, few_threshold: int = 20):
     return long_tail.shot_groups(self.class_counts, many_threshold, few_threshold)
@@ -122,22 +249,45 @@ class InMemoryDataset:
   def info(self, many_threshold: int, few_threshold: int) -> dict:
     return data_info(self, many_threshold, few_threshold)
 
+  def steps_for(self, sampler: SamplerLike) -> int:
+    """Global steps per epoch of `sampler` (`sampler_steps_per_epoch`)."""
+    return sampler_steps_per_epoch(sampler, self.data.y_train, self.batch_size, self.num_classes)
+
   def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
-                    sampler: str = "instance") -> Iterator[tuple[int, dict, dict | None]]:
-    d, size = self.data, self.steps_per_epoch * self.batch_size
-    order, order_epoch = None, None
-    for step in range(start_step, end_step):
-      epoch, index = divmod(step, self.steps_per_epoch)
-      if epoch != order_epoch:
-        order, order_epoch = epoch_order(sampler, d.y_train, self.seed, epoch, size), epoch
-      idx = order[index * self.batch_size:(index + 1) * self.batch_size]
-      batch = {"image": d.x_train[idx], "label": d.y_train[idx]}
+                    sampler: SamplerLike = "instance") -> Iterator[tuple[int, dict, dict | None]]:
+    per_epoch = self.steps_for(sampler)
+    orders = {}
+
+    def batch_at(step: int):
+      d = self.data
+      epoch, index = divmod(step, per_epoch)
+      if epoch not in orders:  # at most two epochs in flight
+        orders.pop(epoch - 2, None)
+        orders[epoch] = epoch_order(sampler, d.y_train, self.seed, epoch,
+                                    per_epoch * self.batch_size)
+      idx = orders[epoch][index * self.batch_size:(index + 1) * self.batch_size]
+      images = d.x_train[idx]
+      if self.host_transform is not None:
+        images = self.host_transform(images, public_cifar.transform_rng(self.seed, epoch, index))
       meta = None
       if with_meta:
         midx = batching.meta_batch_indices(self.seed, step, self.num_meta, self.meta_batch_size)
         meta = distributed.global_batch_to_local({"image": d.x_meta[midx],
                                                   "label": d.y_meta[midx]})
-      yield step, distributed.global_batch_to_local(batch), meta
+      return step, distributed.global_batch_to_local({"image": images, "label": d.y_train[idx]}), meta
+
+    # The epoch orders are computed in order on this thread before a worker needs them.
+    def ordered_steps():
+      for step in range(start_step, end_step):
+        epoch = step // per_epoch
+        if epoch not in orders:
+          orders.pop(epoch - 2, None)
+          orders[epoch] = epoch_order(sampler, self.data.y_train, self.seed, epoch,
+                                      per_epoch * self.batch_size)
+        yield step
+
+    workers = self.host_workers if self.host_transform is not None else 0
+    yield from _ordered_prefetch(batch_at, ordered_steps(), workers)
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     if split not in EVAL_SPLITS:
@@ -197,6 +347,12 @@ def load(config, *, batch_size: int | None = None, with_meta: bool | None = None
     return streaming.load(config, batch_size=batch_size, with_meta=with_meta)
   data = _load_arrays(config)
   check_arrays(data, config, batch_size=batch_size, meta_batch_size=meta_batch_size)
+  host_transform = make_host_transform(config)
+  if (int(config.get("stage", 1)) == 2
+      and str(config.stage2.get("train_transform", "stage1")) == "test"):
+    host_transform = None
   return InMemoryDataset(data, batch_size=batch_size, meta_batch_size=meta_batch_size,
                          eval_batch_size=int(config.eval_batch_size), seed=int(config.seed),
-                         preprocessors=make_preprocessors(config, data))
+                         preprocessors=make_preprocessors(config, data),
+                         host_transform=host_transform,
+                         host_workers=int(config.get("host_workers", 0)))

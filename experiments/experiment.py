@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import jax
@@ -18,12 +19,15 @@ import jax.numpy as jnp
 
 from dnet_jax import optim
 from dnet_jax import parallel
+from dnet_jax import schedules
 from dnet_jax import stage2 as s2
 from dnet_jax import steps
 from dnet_jax.apply import init_classifier
 from dnet_jax.models import build_classifier
 from dnet_jax.state import create_train_state
 from experiments import checkpointing
+from experiments import datasets
+from experiments import errors
 from experiments import methods
 from experiments import pretrained_init
 
@@ -41,7 +45,7 @@ class Experiment:
   Attributes:
     name: the method, as logs and the checkpoint identity name it.
     uses_meta: the train step takes a meta batch.
-    sampler: the dataset's training order ("instance" or "class_balanced").
+    sampler: the dataset's training order (a name or a `datasets.Sampler`).
     batch_size: global training batch size.
     steps_per_epoch, total_steps: of this run.
     schedule: the classifier's learning rate as a function of the step.
@@ -91,6 +95,10 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   if config.lr_schedule == "cosine":
     return optim.cosine_schedule(base, int(config.num_epochs) * steps_per_epoch,
                                  int(config.warmup_epochs) * steps_per_epoch)
+  if config.lr_schedule == "public_cifar":
+    return schedules.public_cifar_stage1_schedule(
+        steps_per_epoch, base, int(config.get("lr_ramp_epochs", 400)),
+        tuple(int(e) for e in config.lr_decay_epochs), float(config.lr_decay_factor))
   return lambda step: jnp.full((), base, jnp.float32)
 
 
@@ -99,7 +107,7 @@ def _schedule_fields(config, steps_per_epoch: int) -> dict:
             "steps_per_epoch": steps_per_epoch}
   if config.lr_schedule == "cosine":
     fields.update(num_epochs=int(config.num_epochs), warmup_epochs=int(config.warmup_epochs))
-  elif config.lr_schedule == "step":
+  elif config.lr_schedule in ("step", "public_cifar"):
     fields.update(warmup_epochs=int(config.warmup_epochs),
                   lr_decay_epochs=[int(e) for e in config.lr_decay_epochs],
                   lr_decay_factor=float(config.lr_decay_factor))
@@ -208,6 +216,46 @@ def las_smoothing(config) -> tuple[float, float]:
   return s2.las_smoothing_for_imbalance(float(config.data.imbalance_factor), s.las_rule)
 
 
+def stage2_sampler(config) -> datasets.Sampler:
+  """The stage-2 training order (`stage2.sampler`, samples_per_class, iterations_per_epoch)."""
+  s = config.stage2
+  return datasets.Sampler(str(s.sampler), int(s.get("samples_per_class", 4)),
+                          int(s.get("iterations_per_epoch", 0)))
+
+
+def stage2_schedule(config, steps_per_epoch: int):
+  """`stage2.lr_schedule`: "cosine" (per step, over num_epochs) or "per_epoch_cosine"
+  (0.5 lr (1 + cos(pi e / num_epochs)) in epoch e, `schedules.per_epoch_cosine_schedule`)."""
+  s = config.stage2
+  kind = str(s.get("lr_schedule", "cosine"))
+  if kind == "per_epoch_cosine":
+    return schedules.per_epoch_cosine_schedule(steps_per_epoch, float(s.learning_rate),
+                                               int(s.num_epochs))
+  return optim.cosine_schedule(float(s.learning_rate), int(s.num_epochs) * steps_per_epoch)
+
+
+def _stage2_preprocessors(config, dataset):
+  """(train, meta, eval): the stage-1 training transform, or none (`stage2.train_transform`)."""
+  train, meta, evaluate = dataset.preprocessors
+  if str(config.stage2.get("train_transform", "stage1")) == "test":
+    train = evaluate
+  return train, meta, evaluate
+
+
+def _check_shift_bn_pattern(config, batch_stats) -> None:
+  """InvalidInputError if `stage2.shift_bn_only` matches no BatchNorm of the network."""
+  s = config.stage2
+  pattern = str(s.get("shift_bn_only", ""))
+  if not (bool(s.shift_bn) and pattern):
+    return
+  paths = sorted({"/".join(str(getattr(k, "key", k)) for k in path[:-1])
+                  for path, _ in jax.tree_util.tree_leaves_with_path(batch_stats or {})})
+  if not any(re.search(pattern, p) for p in paths):
+    raise errors.InvalidInputError(
+        f"stage2.shift_bn_only={pattern!r} matches no BatchNorm layer of {config.model}; its "
+        f"BatchNorm layers are {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}.")
+
+
 def build_stage2(config, dataset, params, batch_stats) -> Experiment:
   """Stage 2 (`config.stage2.method`) on the stage-1 network (params, batch_stats)."""
   s, num_classes = config.stage2, dataset.num_classes
@@ -217,10 +265,13 @@ def build_stage2(config, dataset, params, batch_stats) -> Experiment:
   eps_head, eps_tail = las_smoothing(config)
   loss_fn = s2.make_stage2_loss_fn(s.method, dataset.class_counts, eps_head=eps_head,
                                    eps_tail=eps_tail, off_target=s.las_off_target)
-  spe = dataset.steps_per_epoch
-  schedule = optim.cosine_schedule(float(s.learning_rate), int(s.num_epochs) * spe)
+  _check_shift_bn_pattern(config, batch_stats)
+  sampler = stage2_sampler(config)
+  spe = dataset.steps_for(sampler)
+  schedule = stage2_schedule(config, spe)
   tx = s2.stage2_optimizer(schedule, momentum=float(s.momentum), weight_decay=float(s.weight_decay),
-                           head_lr_factor=float(s.head_lr_factor) if s.method == "las" else 1.0)
+                           head_lr_factor=float(s.head_lr_factor) if s.method == "las" else 1.0,
+                           scales_weight_decay=float(s.get("scales_weight_decay", 0.0)))
   sample = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
   key = jax.random.key(int(config.seed))
 
@@ -230,14 +281,16 @@ def build_stage2(config, dataset, params, batch_stats) -> Experiment:
       fresh, _ = init_classifier(model, jax.random.fold_in(key, _HEAD_INIT_STREAM), sample)
       new_head = s2.split_head(fresh, head_name)[1]
     trainable = s2.stage2_trainable(s.method, params, num_classes, head_name=head_name,
-                                    new_head=new_head, las_scales=bool(s.las_scales))
+                                    new_head=new_head, las_scales=bool(s.las_scales),
+                                    las_head=bool(s.get("las_head", True)))
     return s2.create_stage2_state(key, params, batch_stats, trainable, tx)
 
   abstract_state = jax.eval_shape(make_state, key, params, batch_stats)
   step_fn = functools.partial(s2.stage2_step, model=model, tx=tx, loss_fn=loss_fn,
-                              head_name=head_name, shift_bn=bool(s.shift_bn), axis_name=AXIS)
+                              head_name=head_name, shift_bn=bool(s.shift_bn),
+                              shift_bn_pattern=str(s.get("shift_bn_only", "")), axis_name=AXIS)
   train_step = parallel.pmap_step(_per_device_step(
-      lambda state, batch, meta: step_fn(state, batch), dataset.preprocessors,
+      lambda state, batch, meta: step_fn(state, batch), _stage2_preprocessors(config, dataset),
       _STAGE2_AUGMENT_STREAM))
   eval_step = _pmapped_eval(functools.partial(s2.stage2_eval_step, model=model,
                                               num_classes=num_classes, head_name=head_name,
@@ -253,11 +306,13 @@ def build_stage2(config, dataset, params, batch_stats) -> Experiment:
 
   name = f"stage2_{s.method}"
   return Experiment(
-      name=name, uses_meta=False, sampler=str(s.sampler), batch_size=int(s.batch_size),
+      name=name, uses_meta=False, sampler=sampler, batch_size=int(s.batch_size),
       steps_per_epoch=spe, total_steps=total_steps(s.num_epochs, spe, s.max_steps),
       schedule=schedule,
       schedule_fields={"stage2.num_epochs": int(s.num_epochs),
-                       "stage2.learning_rate": float(s.learning_rate), "steps_per_epoch": spe},
+                       "stage2.learning_rate": float(s.learning_rate),
+                       "stage2.lr_schedule": str(s.get("lr_schedule", "cosine")),
+                       "steps_per_epoch": spe},
       abstract_state=abstract_state,
       init_state=lambda: jax.jit(make_state)(key, params, batch_stats),
       train_step=train_step, eval_step=eval_step, refresh=lambda state, a: state,

@@ -174,11 +174,31 @@ def _prefetch(iterator, size: int):
     enqueue(1)
 
 
+BEST_DIR = "best_checkpoints"  # <workdir>/best_checkpoints/{best_val,best_test}/<step>
+BEST_KINDS = ("best_val", "best_test")
+
+
+def is_new_best(kind: str, history: list[dict], record: dict) -> bool:
+  """Whether `record` (an epoch-end evaluation) beats every earlier one of `history` in
+  validation ("best_val") or test ("best_test") accuracy; ties keep the earlier record,
+  as `reporting.select_final_and_best` does."""
+  value = (lambda r: r["val_accuracy"]) if kind == "best_val" else (lambda r: r["test"]["overall"])
+  return all(value(record) > value(r) for r in history)
+
+
 class Loop:
-  """Runs `experiment` on `dataset` from `progress.step` to `periodic.total_steps`."""
+  """Runs `experiment` on `dataset` from `progress.step` to `periodic.total_steps`.
+
+  `best_checkpointers` ({"best_val": Checkpointer, "best_test": Checkpointer}, each
+  keeping one step) receive the state of every evaluation that beats all epoch-end
+  records so far in validation / test accuracy, whatever the main checkpointer keeps; stage 2 starts
+  from one of them (`stage2.init_checkpoint`).
+  """
 
   def __init__(self, experiment, dataset, progress: Progress, *, periodic: Periodic, groups,
-               checkpointer, writer, stop, is_main: bool, progress_bar: bool):
+               checkpointer, writer, stop, is_main: bool, progress_bar: bool,
+               best_checkpointers: dict | None = None):
+    self.best_checkpointers = dict(best_checkpointers or {})
     self.exp, self.data, self.progress, self.periodic = experiment, dataset, progress, periodic
     self.groups, self.checkpointer, self.writer, self.stop = groups, checkpointer, writer, stop
     self.is_main, self.show_bar = is_main, progress_bar
@@ -224,6 +244,13 @@ class Loop:
           f"Checkpoint {self.checkpointer.step_path(p.step)} was not written (orbax declined "
           "the save). Check the free space and permissions of the workdir.")
 
+  def save_best(self, kind: str) -> None:
+    """The state of this epoch end into the `kind` checkpointer (one step kept); a rerun
+    epoch (after a resume) finds the same step there and leaves it."""
+    p = self.progress
+    self.best_checkpointers[kind].save(p.step, parallel.unreplicate(self.p_state), p.to_json(),
+                                       identity=self.exp.identity)
+
   # ------------------------------------------------------------------ evaluation
 
   def evaluate(self) -> None:
@@ -255,11 +282,16 @@ class Loop:
     self.writer.flush()
     num_epochs = -(-self.periodic.total_steps // p.steps_per_epoch)
     self._print(reporting.format_epoch_line(record, num_epochs))
+    # Compared with the epoch-end records only; a partial record (a run stopped mid-epoch)
+    # counts too, as it does in the report, until its epoch is finished.
+    best = [k for k in self.best_checkpointers if is_new_best(k, p.history, record)]
     if epoch_done:
       p.history.append(record)
       p.partial, p.epoch_steps, self.sums = None, 0, None
     else:
       p.partial = record
+    for kind in best:
+      self.save_best(kind)
 
   def _print(self, line: str) -> None:
     if self.is_main:

@@ -37,7 +37,7 @@ METHODS = ("difficulty_net", "difficulty_net_bs", "ce", "class_balanced", "cdb",
            "balanced_softmax")
 DNET_METHODS = ("difficulty_net", "difficulty_net_bs")
 DNET_KINDS = ("relative", "absolute")
-LR_SCHEDULES = ("step", "cosine", "constant")
+LR_SCHEDULES = ("step", "cosine", "constant", "public_cifar")
 DTYPES = ("float32", "bfloat16", "float16")
 
 _LOSS_OF_METHOD = {

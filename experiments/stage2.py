@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -41,6 +42,8 @@ from experiments import trainer
 _MUST_MATCH = ("model", "dtype")
 _DATA_FIELDS_NOT_CHECKED = ("data_dir",)
 las_smoothing = experiment_lib.las_smoothing
+INIT_CHECKPOINTS = ("best_val", "best_test", "last")
+LR_SCHEDULES = ("cosine", "per_epoch_cosine")
 
 
 # ---------------------------------------------------------------------------- config
@@ -71,6 +74,41 @@ def validate_stage2_config(config) -> None:
   for field in ("num_epochs", "batch_size"):
     if int(s[field]) < 1:
       raise errors.InvalidInputError(f"stage2.{field} must be >= 1, got {s[field]}.")
+  init = str(s.get("init_checkpoint", "best_val"))
+  if init not in INIT_CHECKPOINTS:
+    raise errors.InvalidInputError(f"Unknown stage2.init_checkpoint {init!r}; choose one of: "
+                                   f"{', '.join(INIT_CHECKPOINTS)}.")
+  if str(s.get("lr_schedule", "cosine")) not in LR_SCHEDULES:
+    raise errors.InvalidInputError(f"Unknown stage2.lr_schedule {s.lr_schedule!r}; choose one "
+                                   f"of: {', '.join(LR_SCHEDULES)}.")
+  if str(s.get("train_transform", "stage1")) not in ("stage1", "test"):
+    raise errors.InvalidInputError(f"Unknown stage2.train_transform {s.train_transform!r}; "
+                                   "choose stage1 or test.")
+  if str(s.get("train_transform", "stage1")) == "test":
+    from experiments import streaming  # pylint: disable=g-import-not-at-top
+    if streaming.is_streaming(config):
+      raise errors.InvalidInputError(
+          "stage2.train_transform='test' is for in-memory data sets; streamed data is "
+          "augmented by tf.data as in stage 1. Set --config.stage2.train_transform=stage1.")
+  pattern = str(s.get("shift_bn_only", ""))
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise errors.InvalidInputError(f"stage2.shift_bn_only {pattern!r} is not a regular "
+                                   f"expression ({e}).") from e
+  if pattern and not bool(s.shift_bn):
+    raise errors.InvalidInputError("stage2.shift_bn_only is set but stage2.shift_bn is False; "
+                                   "set --config.stage2.shift_bn=True or clear shift_bn_only.")
+  if s.method == "las" and not (bool(s.get("las_head", True)) or bool(s.las_scales)):
+    raise errors.InvalidInputError("stage2.las_head and stage2.las_scales are both False: "
+                                   "stage 2 would train nothing.")
+  if float(s.get("scales_weight_decay", 0.0)) < 0:
+    raise errors.InvalidInputError(f"stage2.scales_weight_decay must be >= 0, got "
+                                   f"{s.scales_weight_decay}.")
+  try:
+    experiment_lib.stage2_sampler(config)
+  except errors.InvalidInputError as e:
+    raise errors.InvalidInputError(f"stage2.sampler: {e}") from e
   if int(s.max_steps) < 0:
     raise errors.InvalidInputError(f"stage2.max_steps must be >= 0 (0 = no limit), got {s.max_steps}.")
   if config.model not in MODEL_NAMES:
@@ -117,15 +155,31 @@ def check_compatible(config, stage1_config: dict) -> None:
             f"--config.{name}={then}" for name, then, _ in diffs) + ".")
 
 
-def restore_stage1(stage1_workdir: str, stage1_results: dict, dataset) -> tuple[Any, Any, int]:
-  """(params, batch_stats, step) of the newest complete checkpoint of the stage-1 run.
+def stage1_checkpoint_dir(stage1_workdir: str, init_checkpoint: str) -> str:
+  """Where the stage-1 state that stage 2 starts from is: checkpoints/ ("last") or
+  best_checkpoints/best_val|best_test (kept by the stage-1 loop, one step each)."""
+  if init_checkpoint == "last":
+    return os.path.join(stage1_workdir, "checkpoints")
+  return os.path.join(stage1_workdir, loop_lib.BEST_DIR, init_checkpoint)
+
+
+def restore_stage1(stage1_workdir: str, stage1_results: dict, dataset,
+                   init_checkpoint: str = "last") -> tuple[Any, Any, int]:
+  """(params, batch_stats, step) of the stage-1 state `init_checkpoint` names: the
+  newest complete checkpoint ("last") or the best-validation / best-test epoch.
 
   The checkpoint's identity (model, classes, method, image shape, array shapes)
   is checked against the stage-1 experiment that the run's results.json
   describes, built by `experiment.build`, before anything is restored.
   """
-  directory = os.path.join(stage1_workdir, "checkpoints")
+  directory = stage1_checkpoint_dir(stage1_workdir, init_checkpoint)
   if not os.path.isdir(directory):
+    if init_checkpoint != "last":
+      raise errors.InvalidInputError(
+          f"No {os.path.relpath(directory, stage1_workdir)}/ in stage1_workdir "
+          f"{stage1_workdir!r}: the stage-1 run kept no {init_checkpoint} state (it was run "
+          "by an older version or never finished an epoch). Use "
+          "--config.stage2.init_checkpoint=last to start from its newest checkpoint.")
     raise errors.InvalidInputError(f"No checkpoints/ in stage1_workdir {stage1_workdir!r}; is it "
                                    "a stage-1 run of experiments.train?")
   stage1_config = ml_collections.ConfigDict(stage1_results["config"])
@@ -145,7 +199,7 @@ def restore_stage1(stage1_workdir: str, stage1_results: dict, dataset) -> tuple[
           "stage-1 run the checkpoint belongs to.")
     state, _ = checkpointer.restore(step, stage1.abstract_state)
   total = stage1_results.get("total_steps")
-  if total is not None and step < int(total):
+  if init_checkpoint == "last" and total is not None and step < int(total):
     logging.warning("The stage-1 run in %s stopped at step %d of %d; stage 2 starts from that "
                     "unfinished network.", stage1_workdir, step, int(total))
   return state.params, state.batch_stats, int(step)
@@ -180,7 +234,8 @@ def prepare_stage2(config: ml_collections.ConfigDict) -> Stage2Setup:
         f"The training set here has class counts {dataset.class_counts.tolist()} but the "
         f"stage-1 run had {stage1_results.get('class_counts')}.")
   logging.info("Data: %s", dataset.summary())
-  params1, batch_stats1, stage1_step = restore_stage1(stage1_workdir, stage1_results, dataset)
+  params1, batch_stats1, stage1_step = restore_stage1(
+      stage1_workdir, stage1_results, dataset, str(config.stage2.get("init_checkpoint", "best_val")))
   exp = experiment_lib.build_stage2(config, dataset, params1, batch_stats1)
   return Stage2Setup(stage1_workdir, stage1_results, stage1_step, params1, batch_stats1,
                      dataset, exp)
@@ -209,6 +264,13 @@ def _restored_test(setup: Stage2Setup, config, groups) -> dict:
   counts = loop_lib.eval_counts(setup.experiment.eval_step, parallel.replicate(state),
                                 setup.dataset.eval_batches("test"))
   return reporting.accuracy_summary(*counts, groups)
+
+
+_INIT_NOTES = {
+    "best_val": "stage-1 epoch of best validation accuracy",
+    "best_test": "stage-1 epoch of best TEST accuracy (the public ImageNet/Places habit; "
+                 "it selects on the test set)",
+    "last": "newest stage-1 checkpoint"}
 
 
 def _without_per_class(block: dict | None) -> dict | None:
@@ -245,9 +307,14 @@ def train_stage2(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         "meta_grad": stage1_results["config"].get("meta_grad"),
         "final_test": _without_per_class(stage1_results.get("final_test")),
         "best_val_test": _without_per_class(stage1_results.get("best_val_test")),
+        "max_test": _without_per_class(stage1_results.get("max_test")),
         "restored_test": _without_per_class(_restored_test(setup, config, groups))}
     results["stage2"] = {
         "method": s.method, "sampler": s.sampler, "shift_bn": bool(s.shift_bn),
+        "shift_bn_only": str(s.get("shift_bn_only", "")),
+        "init_checkpoint": str(s.get("init_checkpoint", "best_val")),
+        "init_checkpoint_note": _INIT_NOTES[str(s.get("init_checkpoint", "best_val"))],
+        "trainable": sorted(setup.experiment.abstract_state.trainable),
         "las_eps_head": eps_head if las else None, "las_eps_tail": eps_tail if las else None,
         "las_epsilon_per_class": (s2.label_aware_epsilons(
             setup.dataset.class_counts, eps_head, eps_tail).tolist() if las else None),

@@ -107,11 +107,13 @@ class _SplitListSource:
     self.splits = {"train": train, "meta": meta, "test": test}
     self.steps_per_epoch = len(train) // shape.batch_size
 
-  def train_batches(self, epoch: int, first: int, last: int, sampler: str) -> Iterator[dict]:
-    """Local parts of train batches first..last-1 of `epoch`."""
+  def train_batches(self, epoch: int, first: int, last: int, sampler,
+                    per_epoch: int | None = None) -> Iterator[dict]:
+    """Local parts of train batches first..last-1 of `epoch` (`per_epoch` steps per epoch)."""
     s = self.shape
+    per_epoch = self.steps_per_epoch if per_epoch is None else per_epoch
     order = datasets.epoch_order(sampler, self.splits["train"].labels, s.seed, epoch,
-                                 self.steps_per_epoch * s.batch_size)
+                                 per_epoch * s.batch_size)
     rows = order[first * s.batch_size:last * s.batch_size].reshape(last - first, s.batch_size)
     indices = rows[:, s.rows(s.batch_size)].reshape(-1)
     ds = split_lists.examples_dataset(
@@ -164,9 +166,12 @@ class _TfdsImageNetLTSource:
     return dict(process_index=s.process_index, process_count=s.process_count,
                 **s.transform())
 
-  def train_batches(self, epoch: int, first: int, last: int, sampler: str) -> Iterator[dict]:
+  def train_batches(self, epoch: int, first: int, last: int, sampler,
+                    per_epoch: int | None = None) -> Iterator[dict]:
     from dnet_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
 
+    del per_epoch  # the TFDS stream has its own epoch
+    sampler = datasets.as_sampler(sampler).name
     if sampler != "instance":
       raise InvalidInputError(f"data.source='imagenet_lt' (TFDS records, read in order) has no "
                               f"{sampler!r} sampler; use data.source='split_list' with the "
@@ -248,20 +253,33 @@ class StreamedDataset:
   def info(self, many_threshold: int, few_threshold: int) -> dict:
     return datasets.data_info(self, many_threshold, few_threshold)
 
+  def steps_for(self, sampler) -> int:
+    """Global steps per epoch of `sampler` (`datasets.sampler_steps_per_epoch`)."""
+    sampler = datasets.as_sampler(sampler)
+    if sampler.name == "instance" and not sampler.iterations_per_epoch:
+      return self.steps_per_epoch
+    labels = getattr(self.source, "splits", {}).get("train")
+    if labels is None:
+      raise InvalidInputError(
+          f"The {sampler.name} sampler needs the training labels of a split list; this "
+          f"{self.name} source reads a shuffled stream. Use data.source='split_list'.")
+    return datasets.sampler_steps_per_epoch(sampler, labels.labels,
+                                            self.source.shape.batch_size, self.num_classes)
+
   def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
-                    sampler: str = "instance") -> Iterator[tuple[int, dict, dict | None]]:
+                    sampler="instance") -> Iterator[tuple[int, dict, dict | None]]:
     """Yields (step, local train batch, local meta batch or None) for start_step..end_step-1.
 
     One tf.data pipeline per epoch (or the part of it the run covers), so a
     resumed run starts reading at its step without decoding what it skips.
     """
-    per_epoch = self.steps_per_epoch
+    per_epoch = self.steps_for(sampler)
     for epoch in range(start_step // per_epoch, -(-end_step // per_epoch)):
       lo, hi = max(start_step, epoch * per_epoch), min(end_step, (epoch + 1) * per_epoch)
       if lo >= hi:
         continue
       train = self.source.train_batches(epoch, lo - epoch * per_epoch, hi - epoch * per_epoch,
-                                        sampler)
+                                        sampler, per_epoch)
       meta = (self.source.meta_batches(epoch, lo, hi) if with_meta
               else itertools.repeat(None))
       count = 0

@@ -224,14 +224,21 @@ def _train(config, exp, dataset, progress, state, checkpointer, is_main):
       checkpoint_every_epochs=int(config.checkpoint_every_epochs),
       checkpoint_every_steps=int(config.get("checkpoint_every_steps", 0)))
   groups = dataset.shot_groups(int(config.many_threshold), int(config.few_threshold))
+  best = {}
+  if int(config.get("stage", 1)) == 1:  # stage 2 may start from either (stage2.init_checkpoint)
+    root = os.path.join(os.path.dirname(checkpointer.directory), loop_lib.BEST_DIR)
+    best = {kind: checkpointing.Checkpointer(os.path.join(root, kind), max_to_keep=1)
+            for kind in loop_lib.BEST_KINDS}
   try:
     with preemption.StopSignal() as stop:
       progress = loop_lib.Loop(
           exp, dataset, progress, periodic=periodic, groups=groups, checkpointer=checkpointer,
           writer=writer, stop=stop, is_main=is_main,
-          progress_bar=bool(config.progress_bar)).run(state)
+          progress_bar=bool(config.progress_bar), best_checkpointers=best).run(state)
     return progress, writer_kind
   finally:
+    for kept in best.values():
+      kept.close()
     writer.close()
 
 

@@ -100,3 +100,42 @@ def test_bad_labels():
     ca.class_aware_epoch(np.array([0.0, 1.0]), 0, 0)
   with pytest.raises(ValueError, match="out of range"):
     ca.class_aware_epoch(np.array([0, 1, 2]), 0, 0, num_classes=2)
+
+
+# ---------------------------------------------------------------------------- through the Dataset
+
+
+def _in_memory(counts, batch_size):
+  from dnet_jax.data import long_tail
+  from experiments import datasets
+
+  labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+  # Image i carries its index, so a batch says which rows it read.
+  images = np.zeros((len(labels), 2, 2, 1), np.uint8) + np.arange(len(labels))[:, None, None, None]
+  data = long_tail.LongTailedData(images, labels, images[:3], labels[:3], images[:3], labels[:3],
+                                  len(counts), np.asarray(counts), "toy")
+  return datasets.InMemoryDataset(data, batch_size=batch_size, meta_batch_size=0,
+                                  eval_batch_size=4, seed=3, preprocessors=None), labels
+
+
+@pytest.mark.parametrize("iterations", [0, 5])
+def test_in_memory_class_aware_batches_are_4_per_class_and_an_epoch_is_max_count_x_classes(
+    iterations):
+  from experiments import datasets
+
+  counts, batch = [13, 7, 3, 1], 8  # max n_c x C = 52 samples: 6 full batches of 8
+  data, labels = _in_memory(counts, batch)
+  sampler = datasets.Sampler("class_aware", 4, iterations)
+  per_epoch = iterations or 52 // 8
+  assert data.steps_for(sampler) == per_epoch
+  items = list(data.train_batches(0, 2 * per_epoch, with_meta=False, sampler=sampler))
+  rows = np.concatenate([b["image"][:, 0, 0, 0] for _, b, _ in items]).astype(np.int64)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for _, b, _ in items]), labels[rows])
+  groups = labels[rows].reshape(-1, 4)
+  assert (groups == groups[:, :1]).all()  # 4 consecutive images of one class
+  # Classes come in cycles: each run of C groups holds every class once.
+  for cycle in groups[:, 0][:len(groups) // 4 * 4].reshape(-1, 4):
+    assert sorted(cycle) == [0, 1, 2, 3]
+  # A resumed read gives the same batches (a pure function of seed, epoch, index).
+  again = list(data.train_batches(per_epoch + 1, per_epoch + 2, with_meta=False, sampler=sampler))
+  np.testing.assert_array_equal(again[0][1]["image"], items[per_epoch + 1][1]["image"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dnet_jax.models import build_classifier, build_difficulty_net
@@ -107,3 +109,55 @@ def test_cdb_tau_accepts_numbers_and_dynamic():
   assert methods.parse_cdb_tau(2) == 2.0
   with pytest.raises(ValueError, match="cdb_tau"):
     methods.parse_cdb_tau("fast")
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt_public_stage2.py", "cifar100_lt_public_stage2.py"])
+def test_public_cifar_recipe_matches_recipes_md_row_by_row(name):
+  from experiments import experiment  # pylint: disable=g-import-not-at-top
+
+  c = load_config(os.path.join(CONFIG_DIR, name))
+  # Stage 1 (RECIPES.md "CIFAR-10/100-LT, stage 1").
+  assert (c.num_epochs, c.batch_size, c.learning_rate, c.momentum, c.nesterov, c.weight_decay) == (
+      12_800, 128, 0.1, 0.9, False, 1e-4)
+  assert (c.lr_schedule, tuple(c.lr_decay_epochs), c.lr_decay_factor) == (
+      "public_cifar", (6400, 9600), 0.1)
+  assert (c.method, c.meta_grad, c.driver_weight, c.meta_batch_size) == (
+      "difficulty_net", "driver_only", 0.3, 100)
+  assert (tuple(c.dnet.hidden), c.dnet.use_bias, c.dnet.lr, c.dnet.weight_decay) == (
+      (128, 128), False, 1e-5, 1e-4)
+  assert (c.augment, c.augment_meta, c.host_transform, c.cutout_size, c.cutout_public_typo) == (
+      False, False, "public_cifar", 16, True)
+  assert (c.normalize_stats, c.model, c.data.meta_per_class, c.data.protocol) == (
+      "cifar100", "resnet32_public", 25, "public")
+  # The schedule the runner builds, at the listed epochs (3 steps per epoch), by hand.
+  schedule = experiment.learning_rate_schedule(c, 3)
+  for epoch, lr in ((0, 0.1), (399, 0.1 * (1 + 399 / 400)), (400, 0.2), (6399, 0.2),
+                    (6400, 0.02), (9600, 0.002), (12_799, 0.002)):
+    for step in (3 * epoch, 3 * epoch + 2):
+      assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), (epoch, step)
+  # Stage 2 (RECIPES.md "CIFAR-LT, stage 2").
+  s = c.stage2
+  assert (s.method, s.las_head, s.las_scales, s.head_lr_factor, s.shift_bn) == (
+      "las", True, True, 1.0, False)
+  assert (s.init_checkpoint, s.sampler, s.samples_per_class, s.iterations_per_epoch) == (
+      "best_val", "class_aware", 4, 0)
+  assert (s.num_epochs, s.batch_size, s.momentum, s.weight_decay, s.scales_weight_decay) == (
+      50, 128, 0.9, 1e-4, 1e-4)
+  assert (s.las_rule, s.train_transform) == ("cifar", "stage1")
+  schedule2 = experiment.stage2_schedule(c, 2)
+  for epoch in (0, 1, 25, 49):
+    expected = 0.025 * (1 + math.cos(math.pi * epoch / 50))
+    assert float(schedule2(2 * epoch + 1)) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_resnet32_public_head_is_kaiming_normal_with_torch_default_bias():
+  model = build_classifier("resnet32_public", 100)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert variables["params"]["classifier"]["kernel"].shape == (64, 100)
+  head = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))()
+  kernel = np.asarray(head["params"]["classifier"]["kernel"])
+  bias = np.asarray(head["params"]["classifier"]["bias"])
+  # Kaiming normal, fan-in 64: std sqrt(2 / 64); 6400 draws give the std to about 1 %.
+  assert abs(kernel.std() / math.sqrt(2 / 64) - 1) < 0.04 and abs(kernel.mean()) < 0.01
+  # torch's default bias: U(-1/8, 1/8).
+  assert bias.min() >= -0.125 and bias.max() <= 0.125 and bias.max() - bias.min() > 0.2

@@ -133,3 +133,54 @@ def test_bad_input_errors():
     pc.public_train_transform(np.zeros((2, 32, 32, 3), np.float32), pc.transform_rng(0, 0, 0))
   with pytest.raises(ValueError, match=">= 0"):
     pc.transform_rng(0, -1, 0)
+
+
+# ---------------------------------------------------------------------------- the runner's hook
+
+
+def test_in_memory_dataset_applies_the_host_transform_per_seed_epoch_index():
+  import functools
+
+  from dnet_jax.data import long_tail
+  from experiments import datasets
+
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), [10, 4, 2]).astype(np.int32)
+  images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+  data = long_tail.LongTailedData(images, labels, images[:3], labels[:3], images[:3],
+                                  labels[:3], 3, np.array([10, 4, 2]), "toy")
+  transform = functools.partial(pc.public_train_transform, public_typo=True)
+
+  def dataset(workers):
+    return datasets.InMemoryDataset(data, batch_size=4, meta_batch_size=0, eval_batch_size=4,
+                                    seed=5, preprocessors=None, host_transform=transform,
+                                    host_workers=workers)
+
+  inline = list(dataset(0).train_batches(0, 8, with_meta=False))  # 4 steps per epoch, 2 epochs
+  threaded = list(dataset(2).train_batches(0, 8, with_meta=False))
+  resumed = list(dataset(2).train_batches(5, 8, with_meta=False))
+  for step, batch, _ in inline:
+    epoch, index = divmod(step, 4)
+    rows = datasets.epoch_order("instance", labels, 5, epoch, 16)[4 * index:4 * index + 4]
+    expected = pc.public_train_transform(
+        images[rows], pc.transform_rng(5, epoch, index), public_typo=True)
+    np.testing.assert_array_equal(batch["image"], expected)
+    np.testing.assert_array_equal(batch["label"], labels[rows])
+    np.testing.assert_array_equal(threaded[step][1]["image"], expected)
+    if step >= 5:
+      np.testing.assert_array_equal(resumed[step - 5][1]["image"], expected)
+
+
+def test_host_transform_config_errors_name_the_fix():
+  import ml_collections
+
+  from experiments import datasets
+  from experiments.errors import InvalidInputError
+
+  config = ml_collections.ConfigDict({"host_transform": "public_cifar", "augment": True,
+                                      "cutout_size": 16, "cutout_public_typo": True})
+  with pytest.raises(InvalidInputError, match="augment=False"):
+    datasets.make_host_transform(config)
+  config.augment, config.host_transform = False, "randaugment"
+  with pytest.raises(InvalidInputError, match="public_cifar"):
+    datasets.make_host_transform(config)

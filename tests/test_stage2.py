@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax.flatten_util import ravel_pytree
 
 from dnet_jax import stage2 as s2
@@ -197,6 +198,53 @@ def test_shift_bn_updates_running_statistics_but_not_parameters():
   assert not _same(state.batch_stats, stats0)
 
 
+def test_shift_bn_only_re_estimates_the_matched_batchnorm_layers():
+  model, tx, state, batches, _ = _tiny_setup("lws")
+  stats0 = jax.tree.map(np.array, state.batch_stats)
+  new, _ = s2.stage2_step(state, batches[0], model=model, tx=tx, shift_bn=True,
+                          shift_bn_pattern="^bn3$")
+  assert _same(new.batch_stats["bn1"], stats0["bn1"]) and _same(new.batch_stats["bn2"], stats0["bn2"])
+  assert not _same(new.batch_stats["bn3"], stats0["bn3"])
+  # bn1, bn2 in evaluation mode: the features entering bn3 are those of the eval-mode network,
+  # so bn3's new running mean is 0.9 old + 0.1 x their batch mean (torch momentum 0.1).
+  captured = {}  # the input of bn3 in the all-eval forward pass
+
+  def grab(next_fun, args, kwargs, context):
+    if context.module.name == "bn3" and context.method_name == "__call__":
+      captured["x"] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    model.apply({"params": state.params, "batch_stats": state.batch_stats}, batches[0]["image"])
+  x = np.asarray(captured["x"], np.float64).reshape(-1, captured["x"].shape[-1])
+  np.testing.assert_allclose(new.batch_stats["bn3"]["mean"],
+                             0.9 * stats0["bn3"]["mean"] + 0.1 * x.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_scales_weight_decay_is_l2_on_the_scales():
+  model, _, state, batches, _ = _tiny_setup("lws")
+  tx = s2.stage2_optimizer(0.5, momentum=0.0, weight_decay=0.0, scales_weight_decay=0.1)
+  state = state.replace(trainable={"scales": jnp.array([1.0, 2.0, 0.5, 1.5])},
+                        opt_state=tx.init({"scales": jnp.array([1.0, 2.0, 0.5, 1.5])}))
+
+  def loss(trainable):
+    logits, _ = s2.stage2_logits(model, state.params, state.batch_stats, trainable,
+                                 batches[0]["image"])
+    return jnp.mean(s2.losses.cross_entropy(logits, batches[0]["label"]))
+
+  grads = jax.grad(loss)(state.trainable)
+  new, _ = s2.stage2_step(state, batches[0], model=model, tx=tx)
+  expected = state.trainable["scales"] - 0.5 * (grads["scales"] + 0.1 * state.trainable["scales"])
+  np.testing.assert_allclose(new.trainable["scales"], expected, rtol=1e-6)
+
+
+def test_las_without_head_trains_the_scales_only():
+  _, _, state, _, _ = _tiny_setup("las", las_head=False)
+  assert set(state.trainable) == {"scales"}
+  with pytest.raises(ValueError, match="nothing"):
+    _tiny_setup("las", las_head=False, las_scales=False)
+
+
 def test_missing_head_is_a_clear_error():
   with pytest.raises(ValueError, match="no top-level parameter entry 'fc'"):
     s2.split_head({"conv": {}, "classifier": {}}, "fc")
@@ -300,7 +348,11 @@ def test_stage2_errors_are_clear(stage1_run, tmp_path):
   with pytest.raises(errors.CheckpointError, match="is not the network .* model: 'small_cnn' in "
                      "the checkpoint, 'small_cnn_nobn' now"):
     stage2.train_stage2(config, str(tmp_path / "d"))
-  # No checkpoint at all.
+  # No best-validation state kept (an older stage-1 run), then no checkpoint at all.
+  shutil.rmtree(fake / "best_checkpoints")
+  with pytest.raises(errors.InvalidInputError, match="init_checkpoint=last"):
+    stage2.train_stage2(config, str(tmp_path / "e"))
+  config.stage2.init_checkpoint = "last"
   shutil.rmtree(fake / "checkpoints")
   with pytest.raises(errors.InvalidInputError, match="No checkpoints/"):
     stage2.train_stage2(config, str(tmp_path / "e"))
@@ -491,3 +543,10 @@ def test_sigterm_on_the_last_step_then_two_reruns(stage1_run, tmp_path, monkeypa
                      match=r"another learning-rate schedule: stage2\.num_epochs: 1 there, 3 now.*"
                            r"--config\.stage2\.num_epochs=1"):
     stage2.train_stage2(config, workdir)
+
+
+def test_shift_bn_pattern_matching_no_batchnorm_is_a_clear_error(stage1_run, tmp_path):
+  config = _stage2_config(stage1_run[0])
+  config.stage2.shift_bn, config.stage2.shift_bn_only = True, "(^|/)extra_block/"
+  with pytest.raises(errors.InvalidInputError, match="matches no BatchNorm .* bn1"):
+    stage2.train_stage2(config, str(tmp_path / "x"))

@@ -18,6 +18,8 @@ from experiments import stage2
 from experiments import streaming
 from experiments import trainer
 from experiments.configs import _stage2
+from experiments.configs import imagenet_lt_stage2
+from experiments.configs import places_lt_stage2
 from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
@@ -176,6 +178,22 @@ def test_class_balanced_sampler_reads_the_rows_of_its_draw(lists):
                                                          (0.229, 0.224, 0.225)), labels[rows])
 
 
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_class_aware_sampler_reads_4_per_class_and_its_epoch_length(lists, iterations):
+  data = load(tiny_config(lists))
+  labels = split_lists.read_split_list(lists["train_list"]).labels
+  sampler = datasets.Sampler("class_aware", 4, iterations)
+  per_epoch = iterations or (12 * 3) // 4  # max n_c x C samples, full batches of 4
+  assert data.steps_for(sampler) == per_epoch
+  items = list(data.train_batches(per_epoch - 1, per_epoch + 2, with_meta=False,
+                                  sampler=sampler))
+  assert [step for step, _, _ in items] == list(range(per_epoch - 1, per_epoch + 2))
+  for _, batch, _ in items:  # batch of 4 = one group of 4 consecutive images of one class
+    decoded = split_list_data.decode(batch["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    np.testing.assert_array_equal(decoded, batch["label"])
+    assert len(set(batch["label"].tolist())) == 1
+
+
 @pytest.mark.usefixtures("fast_compilation")
 def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
   """Stage 1 (2 steps) then each stage-2 method (2 steps) on the streamed JPEG lists."""
@@ -195,3 +213,22 @@ def test_stage2_on_split_lists_runs_las_crt_lws(lists, tmp_path):
     assert (results["stage1"]["restored_test"]["overall"]
             == stage1_results["final_test"]["overall"])
     assert (results["stage2"]["logit_scales"] is None) == (method == "crt")
+  # The public ImageNet-LT / Places-LT stage 2 (their configs' sections, shrunk): LWS scales
+  # only on the LAS loss, class-aware sampling with a fixed epoch, shifted BN (all layers /
+  # one layer: the small CNN has no `extra_block`), the best-test stage-1 state.
+  for name, section in (("imagenet", imagenet_lt_stage2.public_stage2_section()),
+                        ("places", places_lt_stage2.public_stage2_section())):
+    config2 = _stage2.add_stage2_fields(tiny_config(lists, model="small_cnn", method="ce",
+                                                    progress_bar=False, augment=False), section)
+    config2.stage1_workdir = str(tmp_path / "stage1")
+    s = config2.stage2
+    s.iterations_per_epoch, s.num_epochs, s.batch_size, s.learning_rate = 2, 2, 4, 0.1
+    if s.shift_bn_only:
+      s.shift_bn_only = "bn3"
+    results = stage2.train_stage2(config2, str(tmp_path / name))
+    assert results["steps"] == 4 and results["steps_per_epoch"] == 2
+    assert results["stage2"]["trainable"] == ["scales"]
+    assert results["stage2"]["init_checkpoint"] == "best_test"
+    assert results["stage2"]["las_eps_head"] == {"imagenet": 0.3, "places": 0.4}[name]
+    # per-epoch cosine: 0.05 (1 + cos(pi e / 2)) in epoch e
+    assert results["history"]["learning_rate"] == pytest.approx([0.1, 0.05])

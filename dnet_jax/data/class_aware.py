@@ -82,12 +82,15 @@ def _draws_before(position: int, num_classes: int, seed: int) -> np.ndarray:
 
 
 def class_aware_epoch(labels: np.ndarray, seed: int, epoch: int, samples_per_class: int = 4,
-                      num_classes: int | None = None) -> np.ndarray:
-  """Sample indices of epoch ``epoch``: ``max_c n_c x C`` of them, in order.
+                      num_classes: int | None = None,
+                      epoch_length: int | None = None) -> np.ndarray:
+  """Sample indices of epoch ``epoch``: ``max_c n_c x C`` of them (or ``epoch_length``), in order.
 
   Groups of ``samples_per_class`` consecutive indices share a class; classes
   come in reshuffled cycles and each class's images in reshuffled cycles,
-  continued across epochs (module docstring, S:10-62).
+  continued across epochs (module docstring, S:10-62). ``epoch_length`` sets
+  another number of samples per epoch (every epoch the same), e.g. a fixed
+  number of iterations x batch size (the public ImageNet-LT / Places-LT stage 2).
   """
   if seed < 0 or epoch < 0 or samples_per_class < 1:
     raise ValueError(f"need seed >= 0, epoch >= 0, samples_per_class >= 1; got {seed}, "
@@ -95,6 +98,10 @@ def class_aware_epoch(labels: np.ndarray, seed: int, epoch: int, samples_per_cla
   per_class = _class_indices(labels, num_classes)
   num_classes = len(per_class)
   length = max(len(x) for x in per_class) * num_classes
+  if epoch_length is not None:
+    if int(epoch_length) < 1:
+      raise ValueError(f"epoch_length must be >= 1, got {epoch_length}.")
+    length = int(epoch_length)
   groups = -(-length // samples_per_class)
   start = epoch * groups
   classes = _cycle_stream(num_classes, start, start + groups, [seed, _CLASS_STREAM])

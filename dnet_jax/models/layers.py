@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -73,14 +74,36 @@ class CosineClassifier(nn.Module):
     return logits
 
 
-HEADS = ("linear", "cosine")
+HEADS = ("linear", "linear_kaiming", "cosine")
+
+
+class _KaimingDense(nn.Module):
+  """y = x W + b with W ~ Kaiming normal (fan-in, gain sqrt 2) and b ~ U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)) (torch.nn.Linear's default bias): the public Difficulty-Net CIFAR
+  ResNet's `linear` (its `_weights_init` applies `kaiming_normal_` to the weights of
+  Linear and Conv2d and leaves the bias at torch's default). Parameters `kernel`
+  [features, classes] and `bias`, as `nn.Dense` names them."""
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1]
+    bound = 1.0 / float(fan_in) ** 0.5
+    kernel = self.param("kernel", kaiming_normal, (fan_in, self.features), self.param_dtype)
+    bias = self.param("bias", lambda key, shape, dtype: jax.random.uniform(
+        key, shape, dtype, -bound, bound), (self.features,), self.param_dtype)
+    x = x.astype(self.dtype)
+    return x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
 def classifier_head(head: str, num_classes: int, *, cosine_scale: float = 30.0,
                     cosine_bias: bool = False, dtype=jnp.float32,
                     param_dtype=jnp.float32) -> nn.Module:
   """The final layer named "classifier": "linear" (`nn.Dense`, PyTorch's default Linear
-  init) or "cosine" (`CosineClassifier` with `cosine_scale` and `cosine_bias`).
+  init), "linear_kaiming" (Kaiming-normal kernel, torch's default bias: the public CIFAR
+  ResNet's init) or "cosine" (`CosineClassifier` with `cosine_scale` and `cosine_bias`).
 
   Call inside a compact module; both heads keep the parameter name `classifier/kernel`
   ([features, classes]), so pretrained loading and head-skipping treat them alike.
@@ -88,6 +111,8 @@ def classifier_head(head: str, num_classes: int, *, cosine_scale: float = 30.0,
   if head == "linear":
     return nn.Dense(num_classes, kernel_init=torch_linear_init, dtype=dtype,
                     param_dtype=param_dtype, name="classifier")
+  if head == "linear_kaiming":
+    return _KaimingDense(num_classes, dtype=dtype, param_dtype=param_dtype, name="classifier")
   if head == "cosine":
     return CosineClassifier(num_classes, scale=cosine_scale, use_bias=cosine_bias,
                             dtype=dtype, param_dtype=param_dtype, name="classifier")

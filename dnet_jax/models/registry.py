@@ -13,6 +13,9 @@ from dnet_jax.models.small_cnn import SmallCNN
 
 _BUILDERS = {
     "resnet32": resnet32,
+    # The public Difficulty-Net CIFAR ResNet-32's init: Kaiming-normal linear weight too.
+    "resnet32_public": lambda num_classes, **kw: resnet32(num_classes, head="linear_kaiming",
+                                                          **kw),
     "resnet10": resnet10,
     "resnet50": resnet50,
     "resnet152": resnet152,

@@ -45,10 +45,26 @@ Field reference (see METHOD.md for the maths):
   learning_rate, momentum, nesterov, weight_decay
                     classifier SGD
   lr_schedule       step (warm-up, then x lr_decay_factor at lr_decay_epochs)
-                    | cosine (warm-up, cosine to 0) | constant
+                    | cosine (warm-up, cosine to 0) | constant | public_cifar
+                    (the public CIFAR stage 1, C1:46-51: learning_rate x (1 +
+                    min(e / 400, 1)), x lr_decay_factor at each of
+                    lr_decay_epochs; dnet_jax.schedules)
   augment           4-pixel padded random crop + horizontal flip (on device)
-  augment_meta      augment the meta batches too (the public code does)
-  cutout_size       Cutout square size after crop/flip (0 = off)
+  augment_meta      augment the meta batches too with the training transform.
+                    The public code does NOT: its meta batches use the test
+                    transform (C1:457-466); the public recipes set False
+  cutout_size       Cutout square size (0 = off): after crop/flip on the device
+                    (black fill) with augment, or the host transform's Cutout
+  host_transform    "" (none) | public_cifar: the public CIFAR train transform
+                    on the host (double-padded crop, flip, AutoAugment CIFAR-10
+                    policy, Cutout with the image-mean fill;
+                    dnet_jax.data.public_cifar); needs augment=False
+  cutout_public_typo
+                    public_cifar: AA:266's `left = 0 if left < 0 else top`
+                    (True in the public recipe)
+  host_workers      threads computing host-transformed batches ahead (0 = inline)
+  normalize_stats   "" (the data set's own mean/std) | cifar100 (the public CIFAR
+                    code normalises CIFAR-10 with CIFAR-100's, C1:417-418)
   seed              initialisation, data order, meta batches, augmentation
   max_steps         stop after this many steps in total (0 = no limit; tests)
   log_every_steps   how often metrics are fetched from the device and written
@@ -124,6 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = True
   config.augment_meta = True
   config.cutout_size = 0
+  config.host_transform = ""
+  config.cutout_public_typo = True
+  config.host_workers = 0
+  config.normalize_stats = ""
 
   # Run.
   config.seed = 0

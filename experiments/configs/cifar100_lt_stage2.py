@@ -1,4 +1,9 @@
-r"""Stage 2 (label-aware smoothing, MiSLAS) on top of a cifar100_lt stage-1 run.
+r"""Stage 2 (label-aware smoothing, MiSLAS's recipe) on top of a cifar100_lt (short recipe) run.
+
+Not the public Difficulty-Net stage 2 (that is cifar100_lt_public_stage2.py: 50
+epochs, class-aware sampler, per-epoch cosine from 0.05, wd 1e-4 on the scales
+too, best-validation start). The values below are MiSLAS's as METHOD.md states
+them (experiments/configs/_stage2.py); the paper's own text was not checked.
 
 Command:
 
@@ -9,8 +14,8 @@ Command:
 (pass the stage-1 run's data overrides too, e.g. --config.data.imbalance_factor=50).
 cRT / LWS: --config.stage2.method=crt / lws.
 
-The paper's best CIFAR-100-LT numbers (52.96 % at rho = 100) use such a second
-stage. Recipe (MiSLAS, CIFAR): 10 epochs, batch 128, SGD lr 0.1 with cosine
+The paper's CIFAR-100-LT numbers (52.96 % at rho = 100) come from the public
+recipe's stage 2, not this one. Recipe (MiSLAS, CIFAR): 10 epochs, batch 128, SGD lr 0.1 with cosine
 decay, momentum 0.9, weight decay 2e-4, class-balanced sampling, the stage-1
 classifier layer at 0.2 x lr next to learnable logit scales, LAS with
 (eps_head, eps_tail) from the imbalance factor (rho = 100: (0.4, 0.1); 50: (0.3,

@@ -1,4 +1,11 @@
-r"""Difficulty-Net on CIFAR-10-LT with ResNet-32: the paper's CIFAR recipe.
+r"""Difficulty-Net on CIFAR-10-LT with ResNet-32: the SHORT recipe (200 epochs), for quick runs.
+
+This is not what the public code runs (that is cifar10_lt_public.py: 12,800
+epochs, AutoAugment + Cutout, wd 1e-4). It is the common 200-epoch step
+schedule of the LDAM-DRW line of work as METHOD.md states it (values below come
+from METHOD.md and experiments/configs/base.py); the paper's own text was not
+checked. Meta batches are augmented like training batches here (augment_meta;
+the public code uses the test transform for them).
 
 Command (TFDS data prepared beforehand with `tfds build cifar10 --data_dir=DIR`
 on a machine with internet access):
@@ -20,7 +27,7 @@ Run time: 200 epochs of about 93 steps (11,9k train images at rho=100, batch
 ResNet-32 (lookahead, meta pass, real update). Estimated (not measured here)
 at roughly 20-40 minutes on one modern GPU; impractically slow on CPU.
 
-Recipe (METHOD.md): SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128,
+Values (METHOD.md; base.py): SGD lr 0.1, momentum 0.9, weight decay 2e-4, batch 128,
 5 warm-up epochs then x0.1 at epochs 160 and 180; Difficulty-Net hidden
 (128, 128) without biases, Adam lr 1e-5, weight decay 1e-4; lambda = 0.3;
 meta set = last 25 images per class; meta batch 100; crop + flip.
