@@ -1,9 +1,11 @@
 r"""Host input throughput: decoded-and-augmented images/s per CPU core, on generated JPEGs.
 
 An accelerator step on ImageNet-LT consumes a batch of 224 x 224 images; this
-measures how many the host pipeline (read -> JPEG decode -> reflect-pad ->
-RandomResizedCrop -> flip -> ColorJitter -> RandAugment -> normalise; see
-`dnet_jax.data.color_randaugment.train_augment`) produces per core, so that the
+measures how many the runner's host pipeline (read -> JPEG decode -> reflect-pad ->
+RandomResizedCrop -> flip -> ColorJitter -> RandAugment -> normalise: the
+per-example function `dnet_jax.data.split_lists.preprocess` that
+experiments/streaming.py maps over the split lists, with data.train_augment
+"public_imagenet", or "public_places" with --no_rand_augment) produces per core, so that the
 cores needed to feed a device are (device images/s) / (this number).
 
   python -m experiments.stream_augment_benchmark                     # ImageNet-LT chain
@@ -55,23 +57,25 @@ def write_jpegs(directory: str, count: int, height: int, width: int, seed: int =
 
 def measure_throughput(paths: list[str], *, threads: int, repeats: int, image_size: int,
                        augment: bool, rand_augment: bool) -> float:
-  """Images/s of decode (+ augment) + normalise over `repeats` passes, `threads` threads."""
-  from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
-  from dnet_jax.data import image_folder  # pylint: disable=import-outside-toplevel
+  """Images/s of decode (+ augment) + normalise over `repeats` passes, `threads` threads.
 
-  tf = color_randaugment.tf
-  mean = tf.constant(image_folder.IMAGENET_MEAN, tf.float32) * 255.0
-  std = tf.constant(image_folder.IMAGENET_STD, tf.float32) * 255.0
+  Each file goes through `split_lists.preprocess`, the function the runner's
+  tf.data pipeline maps over its split lists (experiments/streaming.py), with
+  `data.train_augment` "public_imagenet" (`rand_augment`), "public_places", or
+  "crop_flip" when not `augment` (decode + crop + flip alone).
+  """
+  from dnet_jax.data import split_lists  # pylint: disable=import-outside-toplevel
+
+  tf = split_lists._tf()  # pylint: disable=protected-access
+  name = ("crop_flip" if not augment else
+          "public_imagenet" if rand_augment else "public_places")
 
   def load(index, path):
-    image = image_folder.decode_image(tf.io.read_file(path))
     seed = tf.stack([tf.constant(0, tf.int64), index])
-    if augment:
-      image = color_randaugment.train_augment(image, seed, image_size=image_size,
-                                              use_rand_augment=rand_augment)
-    else:
-      image = image_folder.random_resized_crop(image, seed, image_size)
-    return (tf.cast(image, tf.float32) - mean) / std
+    return split_lists.preprocess(tf.io.read_file(path), seed, train=True,
+                                  image_size=image_size, resize_size=image_size,
+                                  mean=split_lists.IMAGENET_MEAN, std=split_lists.IMAGENET_STD,
+                                  augment=name)
 
   files = tf.data.Dataset.from_tensor_slices(paths)
   ds = tf.data.Dataset.zip(tf.data.Dataset.range(len(paths)), files)
@@ -97,7 +101,7 @@ def main(argv):
     chain = "crop+flip+ColorJitter" + ("" if _NO_RAND_AUGMENT.value else "+RandAugment")
     print(f"{len(paths)} JPEGs {_WIDTH.value}x{_HEIGHT.value} -> {_IMAGE_SIZE.value}^2, "
           f"{threads} thread(s)")
-    for name, augment in (("decode+crop", False), (f"decode+{chain}", True)):
+    for name, augment in (("decode+crop+flip", False), (f"decode+{chain}", True)):
       rate = measure_throughput(paths, threads=threads, repeats=_REPEATS.value,
                                 image_size=_IMAGE_SIZE.value, augment=augment,
                                 rand_augment=not _NO_RAND_AUGMENT.value)

@@ -30,7 +30,9 @@ from experiments import experiment
 from experiments import pretrained_init
 from experiments import trainer
 from experiments.configs import imagenet_lt
+from experiments.configs import imagenet_lt_public
 from experiments.configs import places_lt
+from experiments.configs import places_lt_public
 from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
@@ -56,7 +58,7 @@ def lists(tmp_path_factory):
 def narrow_models(monkeypatch):
   """The runner builds the config's ResNet with base width WIDTH instead of 64."""
   monkeypatch.setattr(experiment, "build_classifier",
-                      lambda name, n, **kw: build_classifier(name, n, width=WIDTH, **kw))
+                      lambda name, n, **kw: build_classifier(name, n, **dict(kw, width=WIDTH)))
 
 
 def tiny(config, lists, **overrides):
@@ -65,6 +67,8 @@ def tiny(config, lists, **overrides):
   config.many_threshold, config.few_threshold = 5, 4
   config.num_epochs, config.max_steps = 1, 1
   config.log_every_steps, config.progress_bar = 1, False
+  if config.data.get("meta_per_class", 0):  # the public recipes' 10 per class: all 2 here
+    config.data.meta_per_class = META_PER_CLASS
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -102,11 +106,16 @@ def read_checkpoint(workdir, step):
 # The deep models use the public code's driver-only meta-gradient here only because the
 # nested second-order step of ResNet-50/152 takes XLA minutes to compile on CPU; the nested
 # one runs on ResNet-10 (split_list_lt) and is tested against finite differences elsewhere.
-def test_imagenet_lt_config_runs_a_step(tmp_path, lists, narrow_models):
-  config = tiny(imagenet_lt.get_config(), lists, meta_grad="driver_only")
+@pytest.mark.parametrize("module", [imagenet_lt, imagenet_lt_public], ids=["ours", "public"])
+def test_imagenet_lt_config_runs_a_step(tmp_path, lists, narrow_models, module):
+  config = tiny(module.get_config(), lists, meta_grad="driver_only")
   assert (config.model, config.method, tuple(config.dnet.hidden)) == (
       "resnet50", "difficulty_net_bs", (1024, 1024))
-  check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
+  results = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  check_results(results, config)
+  if module is imagenet_lt_public:  # cosine head: a kernel, no bias
+    head = read_checkpoint(str(tmp_path / "run"), 1)["params"]["classifier"]
+    assert set(head) == {"kernel"} and head["kernel"].shape == (8 * 4 * WIDTH, NUM_CLASSES)
 
 
 def test_split_list_config_runs_a_step(tmp_path, lists, narrow_models):
@@ -116,25 +125,40 @@ def test_split_list_config_runs_a_step(tmp_path, lists, narrow_models):
   check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
 
 
-def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models):
+@pytest.mark.parametrize("module", [places_lt, places_lt_public], ids=["ours", "public"])
+def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models, module):
   # "ImageNet" weights: the same ResNet-152 with a 10-class head, random but not the run's init.
   path = str(tmp_path / "resnet152_pretrained.npz")
   pretrained.save_variables_npz(
       path, random_variables(build_classifier("resnet152", 10, width=WIDTH), seed=123))
 
-  config = tiny(places_lt.get_config(), lists, meta_grad="driver_only", pretrained_path=path,
+  config = tiny(module.get_config(), lists, meta_grad="driver_only", pretrained_path=path,
                 learning_rate=0.0)  # lr 0: the step leaves the parameters as loaded
   assert (config.model, tuple(config.dnet.hidden)) == ("resnet152", (512, 512))
+  assert (config.method, config.meta_grad) == ("difficulty_net", "driver_only")
   workdir = str(tmp_path / "run")
   check_results(trainer.train_and_evaluate(config, workdir), config)
 
   saved = pretrained.flatten_variables({"params": read_checkpoint(workdir, 1)["params"]})
   loaded = pretrained.read_npz(path)
   assert saved["params/classifier/kernel"].shape == (32 * WIDTH, NUM_CLASSES)  # new head
-  body = [k for k in saved if not k.startswith("params/classifier/")]
+  new = ("params/classifier/", "params/extra_block/")
+  body = [k for k in saved if not k.startswith(new)]
   assert len(body) > 400  # every conv and BatchNorm of the 152 layers
   for key in body:
     np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
+  if module is places_lt_public:  # the surgery: layer4.2 not loaded, the new block at its init
+    assert not any(k.startswith("params/stage4_block3/") for k in saved)
+    assert any(k.startswith("params/stage4_block3/") for k in loaded)
+    assert "params/classifier/bias" not in saved  # cosine head
+    for name in ("bn1", "bn2", "bn3"):
+      np.testing.assert_array_equal(saved[f"params/extra_block/{name}/scale"], 1.0)
+      np.testing.assert_array_equal(saved[f"params/extra_block/{name}/bias"], 0.0)
+    kernel = saved["params/extra_block/conv2/kernel"]
+    assert kernel.shape == loaded["params/stage4_block2/conv2/kernel"].shape
+    assert not np.array_equal(kernel, loaded["params/stage4_block2/conv2/kernel"])
+  else:
+    assert not any(k.startswith("params/extra_block/") for k in saved)
 
 
 def test_load_into_state_reinitialises_a_head_of_another_shape(tmp_path):
