@@ -136,6 +136,10 @@ def validate_stage1_options(config) -> None:
   if "train_augment" in config.data and int(config.data.get("meta_per_class", 0)) < 0:
     raise InvalidInputError(f"data.meta_per_class must be >= 0 (0 = the whole meta list), got "
                             f"{config.data.meta_per_class}.")
+  if config.data.source == "imagenet_lt" and int(config.data.get("meta_per_class", 0)) > 0:
+    raise InvalidInputError("data.meta_per_class picks images from the validation split list; "
+                            "with data.source='imagenet_lt' (TFDS records) set it to 0, or use "
+                            "data.source='split_list' with ImageNet_LT_val.txt.")
 
 
 def check_images(x: np.ndarray, model: str, what: str = "images") -> None:

@@ -10,11 +10,10 @@ On generated JPEG split lists (tests/split_list_data.py, 4 classes, 32x32 crops)
     moved by its own learning rate x the gradient, computed here with `jax.grad`;
   * each public config killed with SIGKILL after a checkpoint and rerun gives the
     results and final arrays of an uninterrupted run, bit for bit (child processes,
-    the pattern of tests/test_resume.py). The models are narrowed (base width 8)
-    and ImageNet uses ResNet-10, Places ResNet-50 with the same surgery
-    (drop_last_blocks=1, extra_block, cosine head) and a generated "pretrained"
-    .npz, to keep compilation short; the configs' own depths run one step each in
-    tests/test_large_configs.py.
+    the pattern of tests/test_resume.py), with narrowed ResNet-10s (base width 8)
+    to keep compilation short: Places with its new block, cosine head and
+    parameter groups from a generated "pretrained" .npz (ResNet-10 has no block
+    to drop: the dropped block's loading is checked in tests/test_large_configs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +29,9 @@ import numpy as np
 import optax
 import pytest
 
+from dnet_jax import losses
 from dnet_jax import parallel
+from dnet_jax import steps
 from dnet_jax.data import batching
 from dnet_jax.data import split_lists
 from dnet_jax.models import build_classifier
@@ -38,8 +39,10 @@ from dnet_jax.models import pretrained
 from experiments import datasets
 from experiments import experiment
 from experiments import streaming
+from experiments import validation
 from experiments.configs import base
 from experiments.configs import imagenet_lt_public
+from experiments.errors import InvalidInputError
 from tests import split_list_data
 from tests.test_large_configs import random_variables
 from tests.test_resume import COMPARED, Child, final_arrays, read_results
@@ -145,6 +148,46 @@ def test_per_class_subset_is_seeded_exact_and_checked(lists):
     split_lists.per_class_subset(split, 4, seed=0)
 
 
+# ---------------------------------------------------------------------------- options
+
+
+def test_batch_mean_weights_are_the_public_broadcast_loss():
+  """(B, 1) losses times (B,) weights, averaged as torch broadcasts them (T1:457)."""
+  rng = np.random.default_rng(1)
+  per_example = rng.uniform(0.1, 3.0, size=6).astype(np.float32)
+  class_weights = rng.uniform(0.5, 1.5, size=4).astype(np.float32)
+  labels = np.array([0, 3, 3, 1, 2, 3])
+  public = np.mean(per_example[:, None] * class_weights[labels][None, :])  # (B, B) matrix
+  weights = steps.batch_mean_weights(jnp.asarray(class_weights), jnp.asarray(labels))
+  np.testing.assert_allclose(losses.weighted_mean(jnp.asarray(per_example), weights,
+                                                  jnp.asarray(labels)), public, rtol=1e-6)
+  np.testing.assert_allclose(weights, np.full(4, class_weights[labels].mean()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_kwargs", {"heads": "cosine"}, r"\['heads'\] are not options of model='resnet50'"),
+    ("model_kwargs", {"head": "arc"}, "head must be 'linear' or 'cosine'"),
+    ("refresh_at", "epoch_middle", "refresh_at='epoch_middle'; choose one of: epoch_end"),
+    ("loss_weighting", "per_class", "choose one of: per_example, batch_mean"),
+    ("meta_grad", "nested", "batch_mean.*meta_grad='driver_only'"),
+    ("param_groups", {"new": ("^classifier/", 10.0)}, "param_groups.new must be"),
+])
+def test_bad_stage1_options_are_clear_errors(field, value, match):
+  config = imagenet_lt_public.get_config()
+  with config.unlocked():
+    config[field] = value
+  with pytest.raises(InvalidInputError, match=match):
+    validation.validate_config(config, 1)
+
+
+def test_bad_streamed_augmentation_is_a_clear_error():
+  config = imagenet_lt_public.get_config()
+  config.data.train_augment = "randaugment"
+  with pytest.raises(InvalidInputError, match="data.train_augment='randaugment'; choose one "
+                                              "of: crop_flip, public_imagenet, public_places"):
+    validation.validate_config(config, 1)
+
+
 # ---------------------------------------------------------------------------- the builder
 
 
@@ -199,6 +242,7 @@ def test_parameter_groups_after_one_step_through_the_builder():
 
 
 EPOCHS = 2
+RUN_TIMEOUT_S = 600  # a child compiles for minutes on a busy 2-core machine
 TOTAL_STEPS = EPOCHS * (sum(TRAIN_COUNTS) // 4)  # 10
 
 
@@ -213,8 +257,12 @@ def _public_overrides(lists, workdir_name, recipe, npz_path=None):
       "--config.log_every_steps=5", "--config.progress_bar=False",
       "--config.max_checkpoints_to_keep=2", "--config.dnet.hidden=(8,8)"]
   if recipe == "places":
-    return ["--config=experiments/configs/places_lt_public.py", "--config.model=resnet50",
-            f"--config.pretrained_path={npz_path}", *common]
+    # ResNet-10's last stage has one block, which cannot be dropped: the new block, the
+    # head and the parameter groups stay (the dropped block's loading: test_large_configs).
+    return ["--config=experiments/configs/places_lt_public.py", "--config.model=resnet10",
+            "--config.model_kwargs.drop_last_blocks=0",
+            f"--config.pretrained_path={npz_path}",
+            *common]
   return ["--config=experiments/configs/imagenet_lt_public.py", "--config.model=resnet10",
           *common]
 
@@ -236,24 +284,24 @@ class PublicChild(Child):
 
 
 def _places_npz(path):
-  # "ImageNet" weights of the whole (undropped) ResNet-50 with a 10-class linear head.
+  # "ImageNet" weights of ResNet-10 with a 10-class linear head.
   pretrained.save_variables_npz(
-      path, random_variables(build_classifier("resnet50", 10, width=8), seed=7))
+      path, random_variables(build_classifier("resnet10", 10, width=8), seed=7))
   return path
 
 
 @pytest.mark.parametrize("recipe", ["imagenet", "places"])
 def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, lists, recipe):
-  npz = _places_npz(str(tmp_path / "r50.npz")) if recipe == "places" else None
+  npz = _places_npz(str(tmp_path / "r10.npz")) if recipe == "places" else None
   arguments = _public_overrides(lists, "run", recipe, npz)
   reference = PublicChild(tmp_path / "reference", "reference", arguments)
   killed = PublicChild(tmp_path / "killed", "killed", arguments)
   try:
-    seen = killed.wait_for_checkpoint(min_step=2)
+    seen = killed.wait_for_checkpoint(min_step=2, timeout=RUN_TIMEOUT_S)
     time.sleep(0.05)
     killed.proc.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
-    assert reference.wait() == 0, reference.output()[-3000:]
+    assert reference.wait(RUN_TIMEOUT_S) == 0, reference.output()[-3000:]
   finally:
     killed.kill()
     reference.kill()
@@ -263,7 +311,7 @@ def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, l
 
   rerun = PublicChild(tmp_path / "killed", "rerun", arguments)
   try:
-    assert rerun.wait() == 0, rerun.output()[-3000:]
+    assert rerun.wait(RUN_TIMEOUT_S) == 0, rerun.output()[-3000:]
   finally:
     rerun.kill()
   results, expected = read_results(tmp_path / "killed"), read_results(tmp_path / "reference")
@@ -276,5 +324,5 @@ def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, l
   for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(expected_arrays)):
     assert a.dtype == b.dtype and np.array_equal(a, b)
   assert len(expected["history"]["train_loss"]) == EPOCHS
-  if recipe == "places":  # the surgery: layer4's last block gone, the new block trained
-    assert "stage4_block3" not in arrays["params"] and "extra_block" in arrays["params"]
+  assert set(arrays["params"]["classifier"]) == {"kernel"}  # the cosine head
+  assert ("extra_block" in arrays["params"]) == (recipe == "places")

@@ -25,7 +25,8 @@ image root" data set:
                       ColorJitter 0.4, RandAugment rand-n2-m10-mstd0.5) |
                       public_places (the same without RandAugment)
   data.meta_per_class keep this many images per class of meta_list, drawn with
-                      data.seed (0 = the whole list; the public code: 10)
+                      data.seed (0 = the whole list; the public code: 10;
+                      source split_list only)
   data.check_files    check that every listed image exists before training
                       (one directory listing per folder: seconds for ImageNet)
   data.decode_threads tf.data decoding threads per process (0 = autotune)
