@@ -132,6 +132,23 @@ def test_public_batches_are_the_library_chain_and_a_pure_function_of_the_step(li
   np.testing.assert_allclose(meta["image"][0], np.asarray(test_transform), atol=1e-6)
 
 
+def test_the_benchmark_times_the_runners_per_example_function(tmp_path, monkeypatch):
+  """stream_augment_benchmark maps `split_lists.preprocess`, as the runner's pipeline does."""
+  from experiments import stream_augment_benchmark  # pylint: disable=import-outside-toplevel
+
+  seen, original = [], split_lists.preprocess
+
+  def spy(*args, **kwargs):
+    seen.append((kwargs["train"], kwargs["augment"]))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(split_lists, "preprocess", spy)
+  paths = stream_augment_benchmark.write_jpegs(str(tmp_path), 2, 40, 48)
+  rate = stream_augment_benchmark.measure_throughput(
+      paths, threads=1, repeats=1, image_size=IMAGE_SIZE, augment=True, rand_augment=False)
+  assert rate > 0 and seen == [(True, "public_places")]  # traced once by tf.data
+
+
 def test_per_class_subset_is_seeded_exact_and_checked(lists):
   split = split_lists.read_split_list(lists["meta_list"], NUM_CLASSES)
   subset = split_lists.per_class_subset(split, 2, seed=5)

@@ -43,6 +43,9 @@ yaml = config/imagenet/imagenet_resnet{10,50}_stage1.yaml; RECIPES.md
                           RandAugment rand-n2-m10-mstd0.5 (DI:201-217)
   test transform          resize 256, centre crop 224 (DI:220-225)   data.resize_size, image_size
 
+Batches are global and split evenly over the devices: the public meta batch of
+100 fits 1, 2 or 4 devices; on 8 add --config.meta_batch_size=96 (or 104).
+
 Where this differs from the public code: the meta set is drawn with a seed; the
 shot groups are many > 100, few < 20 training images (the public code's index
 ranges [0, 390), [390, 835), [835, 1000) of the frequency-sorted classes give the

@@ -43,6 +43,9 @@ RECIPES.md "Places-LT"):
                           flip, ColorJitter(0.4, 0.4, 0.4), no       "public_places"
                           RandAugment (DP:202-213)
 
+Batches are global and split evenly over the devices: the public meta batch of
+100 fits 1, 2 or 4 devices; on 8 add --config.meta_batch_size=96 (or 104).
+
 Differences from the public code: the meta set is drawn with a seed; the new
 block's convs get He fan-out init (the public block keeps PyTorch's default
 Conv2d init); shot groups many > 100, few < 20 (the public index ranges [0, 131),
