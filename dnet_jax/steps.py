@@ -65,6 +65,23 @@ def _step_key(state: TrainState, axis_name: str | None) -> jax.Array:
   return key
 
 
+def batch_mean_weights(class_weights, labels, axis_name: str | None = None):
+  """Every class weighted by wbar = mean_i w_{y_i} over the (global) batch.
+
+  The public Difficulty-Net code's Balanced Softmax returns the per-example loss
+  with shape (B, 1) (CIFAR-LT/cifar_train_exaugment.py:62-71;
+  ImageNet_Places-LT/train_stage1.py:88-93), which broadcasts against the (B,)
+  example weights in `torch.mean(batch_weights * criterion(output, target))`
+  (train_stage1.py:457) to a (B, B) matrix, so its loss is
+  mean_i l_i x mean_j w_{y_j}: the weights rescale the whole batch instead of
+  weighting examples. With these uniform weights, (1/B) sum_i wbar l_i is that loss.
+  """
+  mean = jnp.mean(class_weights[labels])
+  if axis_name is not None:  # equal per-device batches: the mean of means is the global mean
+    mean = jax.lax.pmean(mean, axis_name)
+  return jnp.full_like(class_weights, mean)
+
+
 def _classifier_update(state: TrainState, forward: meta.TrainForward, labels, class_weights, *,
                        tx, axis_name):
   """Real update of theta on L_train(theta, w) with `tx`, from the shared forward pass.
@@ -93,7 +110,7 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
                dnet_tx: optax.GradientTransformation, learning_rate: LearningRate,
                loss_fn: losses.LossFn = losses.cross_entropy, driver_weight: float = 0.3,
                meta_grad: str = "nested", update_dnet: bool = True, remat: bool = False,
-               axis_name: str | None = None):
+               batch_mean: bool = False, axis_name: str | None = None):
   """One Difficulty-Net iteration (METHOD.md steps 1-4; Sinha & Ohashi, WACV 2023, Alg. 1).
 
     1. d = g_phi(a), w = C d / sum d, L_train(theta, phi) = (1/B) sum_i w_{y_i} l_i(theta).
@@ -131,6 +148,9 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
       are compiled separately and chosen on the host. metrics["meta_updated"]
       says which ran.
     remat: `jax.checkpoint` every classifier pass (memory for compute).
+    batch_mean: step 4 uses `batch_mean_weights` (the public code's Balanced
+      Softmax weighting) instead of per-example weights; the meta-gradient is
+      unchanged, so use it with meta_grad="driver_only", as the public code runs.
     axis_name: the pmap axis; gradients are averaged and counts summed over it.
 
   Returns:
@@ -163,6 +183,8 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
     dnet_params, dnet_opt_state = state.dnet_params, state.dnet_opt_state
 
   weights = jax.lax.stop_gradient(problem.class_weights(dnet_params, state.class_accuracy))
+  if batch_mean:
+    weights = batch_mean_weights(weights, batch["label"], axis_name)
   params, batch_stats, opt_state, metrics = _classifier_update(
       state, forward, batch["label"], weights, tx=tx, axis_name=axis_name)
   metrics.update(meta_metrics)

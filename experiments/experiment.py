@@ -54,10 +54,12 @@ class Experiment:
     init_state: () -> a new run's state.
     train_step: (state, batch, meta batch or None) -> (state, metrics).
     eval_step: (state, batch) -> per-class {"correct", "total"} summed over devices.
-    refresh: (state, class accuracy a) -> state, at every epoch end.
+    refresh: (state, class accuracy a) -> state, at every epoch end (and before the
+      first step when `refresh_at` is "epoch_start").
     describe: (state, a) -> what an evaluation record adds (difficulty, class weights, ...).
     identity: what a checkpoint must match to be resumed (`checkpointing.run_identity`).
     non_finite_advice: what to change after a NaN/Inf.
+    refresh_at: "epoch_end" or "epoch_start" (`config.refresh_at`; the loop reads it).
   """
   name: str
   uses_meta: bool
@@ -75,6 +77,7 @@ class Experiment:
   describe: Callable
   identity: dict
   non_finite_advice: str
+  refresh_at: str = "epoch_end"
 
 
 def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int) -> int:
@@ -85,13 +88,18 @@ def total_steps(num_epochs: int, steps_per_epoch: int, max_steps: int) -> int:
 def learning_rate_schedule(config, steps_per_epoch: int):
   """The classifier's learning rate as a function of the step (`config.lr_schedule`).
 
-  The cosine schedule spans `num_epochs` (not `max_steps`), so that stopping a
+  The cosine schedules span `num_epochs` (not `max_steps`), so that stopping a
   run early never changes the learning rates of the steps it does take.
+  "cosine_epoch" is 0.5 lr (1 + cos(pi e / num_epochs)) for the whole epoch e, the
+  public ImageNet-LT code's rule (ImageNet_Places-LT/train_stage1.py:557-564, set at
+  the start of every epoch; `schedules.per_epoch_cosine_schedule`).
   """
   base = float(config.learning_rate)
   if config.lr_schedule == "step":
     return optim.warmup_step_schedule(base, steps_per_epoch, int(config.warmup_epochs),
                                       tuple(config.lr_decay_epochs), float(config.lr_decay_factor))
+  if config.lr_schedule == "cosine_epoch":
+    return schedules.per_epoch_cosine_schedule(steps_per_epoch, base, int(config.num_epochs))
   if config.lr_schedule == "cosine":
     return optim.cosine_schedule(base, int(config.num_epochs) * steps_per_epoch,
                                  int(config.warmup_epochs) * steps_per_epoch)
@@ -107,11 +115,53 @@ def _schedule_fields(config, steps_per_epoch: int) -> dict:
             "steps_per_epoch": steps_per_epoch}
   if config.lr_schedule == "cosine":
     fields.update(num_epochs=int(config.num_epochs), warmup_epochs=int(config.warmup_epochs))
+  elif config.lr_schedule == "cosine_epoch":
+    fields.update(num_epochs=int(config.num_epochs))
   elif config.lr_schedule in ("step", "public_cifar"):
     fields.update(warmup_epochs=int(config.warmup_epochs),
                   lr_decay_epochs=[int(e) for e in config.lr_decay_epochs],
                   lr_decay_factor=float(config.lr_decay_factor))
+  groups = param_groups(config)
+  if groups:  # per-group rates are part of the schedule a resumed run must keep
+    fields["param_groups"] = {name: [list(p), m] for name, (p, m) in groups.items()}
   return fields
+
+
+def model_options(config) -> dict:
+  """`config.model_kwargs` as keyword arguments of `build_classifier` (head, surgery, ...)."""
+  options = config.get("model_kwargs", None)
+  return dict(options.to_dict() if hasattr(options, "to_dict") else (options or {}))
+
+
+def param_groups(config) -> dict:
+  """`config.param_groups` as {name: (patterns, learning-rate multiplier)}."""
+  groups = config.get("param_groups", None)
+  groups = groups.to_dict() if hasattr(groups, "to_dict") else dict(groups or {})
+  return {name: (tuple(patterns), float(multiplier))
+          for name, (patterns, multiplier) in groups.items()}
+
+
+def classifier_optimizer(config, schedule):
+  """SGD (momentum, L2 weight decay, Nesterov as configured) at `schedule`, or per group.
+
+  With `config.param_groups` = {name: (patterns, m)}, the parameters of group `name`
+  train at m x schedule(step) and the others at schedule(step)
+  (`optim.parameter_group_optimizer`), as torch.optim.SGD parameter groups whose
+  rates one schedule scales together (the public Places-LT code,
+  ImageNet_Places-LT/train_stage1.py:266-271 and 557-581).
+  """
+  options = dict(momentum=float(config.momentum), weight_decay=float(config.weight_decay),
+                 nesterov=bool(config.nesterov))
+  groups = param_groups(config)
+  if not groups:
+    return optim.classifier_optimizer(schedule, **options)
+  scaled = {name: (patterns, _scaled(schedule, multiplier))
+            for name, (patterns, multiplier) in groups.items()}
+  return optim.parameter_group_optimizer(scaled, default_learning_rate=schedule, **options)
+
+
+def _scaled(schedule, factor: float):
+  return lambda step: factor * schedule(step)
 
 
 def _preprocessed(batch, fn, key):
@@ -152,12 +202,13 @@ def build(config, dataset) -> Experiment:
   method = methods.build_method(config, dataset.class_counts, num_classes)
   model = build_classifier(
       config.model, num_classes, bn_axis_name=AXIS if config.sync_batchnorm else None,
-      dtype=jnp.dtype(config.dtype))
+      dtype=jnp.dtype(config.dtype), **model_options(config))
   spe = dataset.steps_per_epoch
   schedule = learning_rate_schedule(config, spe)
-  tx = optim.classifier_optimizer(schedule, momentum=float(config.momentum),
-                                  weight_decay=float(config.weight_decay),
-                                  nesterov=bool(config.nesterov))
+  # The lookahead (methods.make_step_fn) steps at `schedule`; with parameter groups the
+  # public code's lookahead uses the groups' rates, which matters only to the nested and
+  # jvp meta-gradients (its own runs are driver_only, which has no lookahead).
+  tx = classifier_optimizer(config, schedule)
   dnet_tx = (optim.dnet_optimizer(float(config.dnet.lr), float(config.dnet.weight_decay))
              if method.uses_dnet else None)
   make_state = functools.partial(
@@ -169,7 +220,11 @@ def build(config, dataset) -> Experiment:
   def init_state():
     state = jax.jit(make_state)(jax.random.key(int(config.seed)))
     path = str(config.get("pretrained_path", "") or "")
-    return pretrained_init.load_into_state(state, path, tx) if path else state
+    if not path:
+      return state
+    new_names, dropped_names = pretrained_init.surgery_names(model)
+    return pretrained_init.load_into_state(state, path, tx, new_names=new_names,
+                                           dropped_names=dropped_names)
 
   def pmapped(update_dnet: bool):
     step_fn = methods.make_step_fn(method, config, model=model, tx=tx, dnet_tx=dnet_tx,
@@ -205,7 +260,7 @@ def build(config, dataset) -> Experiment:
       identity=checkpointing.run_identity(
           model=config.model, num_classes=num_classes, method=method.name,
           image_shape=dataset.image_shape, abstract_state=abstract_state),
-      non_finite_advice=advice)
+      non_finite_advice=advice, refresh_at=str(config.get("refresh_at", "epoch_end")))
 
 
 def las_smoothing(config) -> tuple[float, float]:
@@ -259,7 +314,8 @@ def _check_shift_bn_pattern(config, batch_stats) -> None:
 def build_stage2(config, dataset, params, batch_stats) -> Experiment:
   """Stage 2 (`config.stage2.method`) on the stage-1 network (params, batch_stats)."""
   s, num_classes = config.stage2, dataset.num_classes
-  model = build_classifier(config.model, num_classes, dtype=jnp.dtype(config.dtype))
+  model = build_classifier(config.model, num_classes, dtype=jnp.dtype(config.dtype),
+                           **model_options(config))
   head_name = str(s.head_name)
   s2.split_head(params, head_name)  # a clear error if the network has no such layer
   eps_head, eps_tail = las_smoothing(config)

@@ -6,6 +6,7 @@
       log?        -> metric writers (one device->host transfer), NaN/Inf check
       SIGTERM?    -> checkpoint (evaluation left to the resumed run at an epoch end), Preempted
       evaluate?   -> meta and test counts; at an epoch end experiment.refresh(state, a)
+    (experiment.refresh_at == "epoch_start": also a from the initial network before step 0)
       checkpoint? -> state + `Progress` (NaN/Inf checked first; a failed save is an error)
 
 `Periodic` is the one place where log / evaluate / checkpoint are decided.
@@ -293,6 +294,22 @@ class Loop:
     for kind in best:
       self.save_best(kind)
 
+  def refresh_before_training(self) -> None:
+    """a from the initial network's validation accuracy, before step 0 (refresh_at epoch_start).
+
+    The public ImageNet-LT / Places-LT code measures a at the start of every epoch,
+    epoch 0 included (ImageNet_Places-LT/train_stage1.py:291-304); the evaluations at
+    our epoch ends give every later epoch's a, so only epoch 0's is added here.
+    """
+    correct, total = eval_counts(self.exp.eval_step, self.p_state,
+                                 self.data.eval_batches("meta"))
+    class_accuracy = np.asarray(dmath.accuracy_from_counts(
+        jnp.asarray(correct, jnp.float32), jnp.asarray(total, jnp.float32)))
+    self.p_state = self.exp.refresh(self.p_state, class_accuracy)
+    self.progress.extra["initial_val_per_class"] = [float(a) for a in class_accuracy]
+    self._print(f"epoch 0 start: validation accuracy {correct.sum() / max(total.sum(), 1.0):.4f} "
+                "(the accuracy vector of the first epoch)")
+
   def _print(self, line: str) -> None:
     if self.is_main:
       (self.bar.write if self.show_bar else print)(line)
@@ -312,6 +329,8 @@ class Loop:
       p.pending_evaluation = False
       self.evaluate()
       self.save(replace=True)
+    if getattr(exp, "refresh_at", "epoch_end") == "epoch_start" and p.step == 0:
+      self.refresh_before_training()
     last_time, last_step = time.time(), p.step
     batches = self.data.train_batches(p.step, periodic.total_steps, with_meta=exp.uses_meta,
                                       sampler=exp.sampler)

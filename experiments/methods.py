@@ -37,7 +37,7 @@ METHODS = ("difficulty_net", "difficulty_net_bs", "ce", "class_balanced", "cdb",
            "balanced_softmax")
 DNET_METHODS = ("difficulty_net", "difficulty_net_bs")
 DNET_KINDS = ("relative", "absolute")
-LR_SCHEDULES = ("step", "cosine", "constant", "public_cifar")
+LR_SCHEDULES = ("step", "cosine", "cosine_epoch", "constant", "public_cifar")
 DTYPES = ("float32", "bfloat16", "float16")
 
 _LOSS_OF_METHOD = {
@@ -149,7 +149,9 @@ def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, a
         steps.train_step, model=model, dnet=method.dnet, tx=tx, dnet_tx=dnet_tx,
         learning_rate=learning_rate, loss_fn=method.loss_fn,
         driver_weight=float(config.driver_weight), meta_grad=config.meta_grad,
-        remat=bool(config.remat), update_dnet=update_dnet, axis_name=axis_name)
+        remat=bool(config.remat), update_dnet=update_dnet,
+        batch_mean=config.get("loss_weighting", "per_example") == "batch_mean",
+        axis_name=axis_name)
     return step
   baseline = functools.partial(
       steps.baseline_step, model=model, tx=tx, class_weights_fn=method.class_weights_fn,

@@ -1,10 +1,13 @@
 r"""Host input throughput: decoded-and-augmented images/s per CPU core, on generated JPEGs.
 
 An accelerator step on ImageNet-LT consumes a batch of 224 x 224 images; this
-measures how many the host pipeline (read -> JPEG decode -> reflect-pad ->
-RandomResizedCrop -> flip -> ColorJitter -> RandAugment -> normalise; see
-`dnet_jax.data.color_randaugment.train_augment_encoded`) produces per core, so that
-the cores needed to feed a device are (device images/s) / (this number).
+measures how many the runner's host pipeline produces per core (read -> JPEG decode ->
+reflect-pad -> RandomResizedCrop -> flip -> ColorJitter -> RandAugment -> normalise:
+`dnet_jax.data.split_lists.preprocess`, the per-example function experiments/streaming.py
+maps over the split lists, with data.train_augment "public_imagenet" / "public_places"),
+so that the cores needed to feed a device are (device images/s) / (this number). Two
+more rows time the crop alone, with the padded image never built and with the crop
+window decoded directly (`color_randaugment.decode_padded_random_resized_crop`).
 
   python -m experiments.stream_augment_benchmark
   python -m experiments.stream_augment_benchmark --threads=4 --images=64 --repeats=4
@@ -54,17 +57,18 @@ def write_jpegs(directory: str, count: int, height: int, width: int, seed: int =
   return paths
 
 
-CHAINS = ("decode+crop", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT chain",
+CHAINS = ("decode+crop+flip", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT chain",
           "ImageNet-LT chain")
+_RUNNER_AUGMENT = {"decode+crop+flip": "crop_flip", "Places-LT chain": "public_places",
+                   "ImageNet-LT chain": "public_imagenet"}
 
 
 def _load_fn(chain: str, image_size: int):
   """(index, path) -> normalised float32 image, for one of `CHAINS`.
 
-  "decode+crop" is `split_lists`'s decode then RandomResizedCrop (no padding), the
-  floor any chain pays; the others decode only the crop window of the reflect-padded
-  image (`color_randaugment.train_augment_encoded`), then flip, ColorJitter and, for
-  ImageNet-LT, RandAugment.
+  The chains in `_RUNNER_AUGMENT` are the runner's own per-example function
+  (`split_lists.preprocess` with that `augment`); the two pad+crop rows time the
+  reflect-padded RandomResizedCrop alone.
   """
   from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
   from dnet_jax.data import split_lists  # pylint: disable=import-outside-toplevel
@@ -76,14 +80,13 @@ def _load_fn(chain: str, image_size: int):
   def load(index, path):
     data = tf.io.read_file(path)
     seed = tf.stack([tf.constant(0, tf.int64), index])
-    if chain == "decode+crop":
-      image = split_lists.random_resized_crop(split_lists.decode_image(data), seed, image_size)
-    elif chain.endswith("decode+pad+crop"):
-      image = color_randaugment.decode_padded_random_resized_crop(
-          data, seed, image_size, crop_before_decode=chain.startswith("crop-"))
-    else:
-      image = color_randaugment.train_augment_encoded(
-          data, seed, image_size=image_size, use_rand_augment=chain == "ImageNet-LT chain")
+    if chain in _RUNNER_AUGMENT:
+      return split_lists.preprocess(data, seed, train=True, image_size=image_size,
+                                    resize_size=image_size, mean=split_lists.IMAGENET_MEAN,
+                                    std=split_lists.IMAGENET_STD,
+                                    augment=_RUNNER_AUGMENT[chain])
+    image = color_randaugment.decode_padded_random_resized_crop(
+        data, seed, image_size, crop_before_decode=chain.startswith("crop-"))
     return (tf.cast(image, tf.float32) - mean) / std
 
   return load

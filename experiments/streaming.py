@@ -18,10 +18,18 @@ the same in every process, so they do not depend on the number of processes:
 Source "imagenet_lt" (TFDS records) reads sequentially: each process takes its
 `tfds.split_for_jax_process` part, shuffled per (seed, epoch).
 
-Transforms (torchvision's ImageNet recipe): training random-resized crop +
-horizontal flip (`config.augment`; meta batches with `config.augment_meta`),
-evaluation resize to `data.resize_size` and centre crop `data.image_size`,
-ImageNet mean/std normalisation.
+Transforms: training by `data.train_augment` (`split_lists.train_transform`):
+"crop_flip" (torchvision's ImageNet recipe: random-resized crop + horizontal
+flip), "public_imagenet" (+ reflect padding first, ColorJitter(0.4, 0.4, 0.4)
+and RandAugment rand-n2-m10-mstd0.5 after the flip: the public Difficulty-Net
+ImageNet-LT chain) or "public_places" (the same without RandAugment), all
+seeded per example as above; on when `config.augment`, and for meta batches
+when also `config.augment_meta` (otherwise they get the test transform, as in
+the public code). Evaluation: resize to `data.resize_size` and centre crop
+`data.image_size`. ImageNet mean/std normalisation. `data.meta_per_class` > 0
+keeps that many images per class of the meta (validation) list, drawn with
+`data.seed` (`split_lists.per_class_subset`), for both meta batches and the
+validation accuracy.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ class _ReadPlan:
   seed: int
   augment: bool
   augment_meta: bool
+  train_augment: str  # the training transform (split_lists.TRAIN_AUGMENTS)
   image_size: int
   resize_size: int
   num_parallel_calls: int | None
@@ -119,7 +128,8 @@ class _SplitListSource:
     ds = split_lists.examples_dataset(
         self.splits["train"], self.image_root, indices,
         split_lists.augmentation_seeds(s.seed, epoch, indices),
-        batch_size=s.local(s.batch_size), train=s.augment, **s.transform())
+        batch_size=s.local(s.batch_size), train=s.augment, augment=s.train_augment,
+        **s.transform())
     return ds.as_numpy_iterator()
 
   def meta_batches(self, epoch: int, first_step: int, last_step: int) -> Iterator[dict]:
@@ -136,7 +146,8 @@ class _SplitListSource:
     seeds = np.stack([bases.astype(np.int64), indices], axis=1)
     ds = split_lists.examples_dataset(
         self.splits["meta"], self.image_root, indices, seeds,
-        batch_size=s.local(s.meta_batch_size), train=s.augment_meta, **s.transform())
+        batch_size=s.local(s.meta_batch_size), train=s.augment_meta, augment=s.train_augment,
+        **s.transform())
     return ds.as_numpy_iterator()
 
   def eval_batches(self, split: str) -> Iterator[dict]:
@@ -164,7 +175,7 @@ class _TfdsImageNetLTSource:
   def _common(self) -> dict:
     s = self.shape
     return dict(process_index=s.process_index, process_count=s.process_count,
-                **s.transform())
+                train_augment=s.train_augment, **s.transform())
 
   def train_batches(self, epoch: int, first: int, last: int, sampler,
                     per_epoch: int | None = None) -> Iterator[dict]:
@@ -308,6 +319,7 @@ def _read_plan(config, batch_size: int, process_index: int, process_count: int) 
       batch_size=batch_size, meta_batch_size=int(config.meta_batch_size),
       eval_batch_size=int(config.eval_batch_size), seed=int(config.seed),
       augment=bool(config.augment), augment_meta=bool(config.augment and config.augment_meta),
+      train_augment=str(_get(data, "train_augment", "crop_flip")),
       image_size=int(_get(data, "image_size", 224)),
       resize_size=int(_get(data, "resize_size", 256)),
       num_parallel_calls=threads if threads > 0 else None,
@@ -343,6 +355,10 @@ def _read_lists(config) -> tuple[str, dict[str, split_lists.SplitList]]:
   if num_classes is None:  # inferred: the largest label of any list
     num_classes = max(s.num_classes for s in splits.values())
     splits = {k: dataclasses.replace(s, num_classes=num_classes) for k, s in splits.items()}
+  per_class = int(_get(data, "meta_per_class", 0))
+  if per_class > 0:  # the public code's 10 random validation images per class
+    splits["meta"] = split_lists.per_class_subset(splits["meta"], per_class,
+                                                  int(_get(data, "seed", 0)))
   return image_root, splits
 
 

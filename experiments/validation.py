@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from dnet_jax.data import long_tail
+from dnet_jax.data import split_lists
 from experiments import methods
 from experiments.errors import InvalidInputError
 
@@ -50,7 +51,17 @@ MODEL_INPUTS = {
     "resnet10": _IMAGENET_RESNET,
     "resnet50": _IMAGENET_RESNET,
     "resnet152": _IMAGENET_RESNET,
+    "resnet152_places": _IMAGENET_RESNET,
 }
+
+REFRESH_AT = ("epoch_end", "epoch_start")
+LOSS_WEIGHTINGS = ("per_example", "batch_mean")
+_RESNET_OPTIONS = ("head", "cosine_scale", "cosine_bias")
+_IMAGENET_RESNET_OPTIONS = _RESNET_OPTIONS + ("drop_last_blocks", "extra_block", "width",
+                                              "stride_in_1x1")
+_MODEL_OPTIONS = {"resnet32": _RESNET_OPTIONS + ("widths",), "resnet10": _IMAGENET_RESNET_OPTIONS,
+                  "resnet50": _IMAGENET_RESNET_OPTIONS, "resnet152": _IMAGENET_RESNET_OPTIONS,
+                  "resnet152_places": _IMAGENET_RESNET_OPTIONS}
 
 
 # field -> (lowest, highest, whether the lowest is allowed, what the field means). Every value
@@ -134,6 +145,7 @@ def validate_config(config, num_devices: int) -> None:
   if int(config.get("checkpoint_every_steps", 0)) < 0:
     raise InvalidInputError(f"checkpoint_every_steps must be >= 0 (0 = only at epoch ends), got "
                             f"{config.checkpoint_every_steps}.")
+  validate_stage1_options(config)
   uses_meta = config.method in methods.DNET_METHODS
   fields = ["batch_size", "eval_batch_size"] + (["meta_batch_size"] if uses_meta else [])
   for field in fields:
@@ -144,6 +156,55 @@ def validate_config(config, num_devices: int) -> None:
           f"{field}={value} is not divisible by the {num_devices} devices; the global batch is "
           f"split evenly across devices, so choose a multiple of {num_devices} (e.g. "
           f"{lower or upper} or {upper}).")
+
+
+def _as_dict(value) -> dict:
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value or {})
+
+
+def validate_stage1_options(config) -> None:
+  """Checks model_kwargs, param_groups, loss_weighting, refresh_at and the streamed
+  data.train_augment / data.meta_per_class; raises InvalidInputError."""
+  options = _as_dict(config.get("model_kwargs", None))
+  allowed = _MODEL_OPTIONS.get(config.model)
+  unknown = sorted(set(options) - set(allowed or ()))
+  if allowed is not None and unknown:
+    raise InvalidInputError(f"model_kwargs {unknown} are not options of model={config.model!r}; "
+                            f"it takes: {', '.join(allowed)}.")
+  if options.get("head", "linear") not in ("linear", "cosine"):
+    raise InvalidInputError(f"model_kwargs.head must be 'linear' or 'cosine', got "
+                            f"{options['head']!r}.")
+  for name, group in _as_dict(config.get("param_groups", None)).items():
+    ok = (isinstance(group, (tuple, list)) and len(group) == 2
+          and isinstance(group[0], (tuple, list)) and all(isinstance(p, str) for p in group[0])
+          and isinstance(group[1], (int, float)) and group[1] >= 0)
+    if not ok:
+      raise InvalidInputError(
+          f"param_groups.{name} must be (patterns, lr multiplier): a tuple of regular "
+          f"expressions and a number >= 0, e.g. (('^extra_block/', '^classifier/'), 10.0); "
+          f"got {group!r}.")
+  choices = {"refresh_at": REFRESH_AT, "loss_weighting": LOSS_WEIGHTINGS}
+  for field, allowed_values in choices.items():
+    value = config.get(field, allowed_values[0])
+    if value not in allowed_values:
+      raise InvalidInputError(f"{field}={value!r}; choose one of: {', '.join(allowed_values)}.")
+  if config.get("loss_weighting", "per_example") == "batch_mean" and (
+      config.method not in methods.DNET_METHODS or config.meta_grad != "driver_only"):
+    raise InvalidInputError(
+        "loss_weighting='batch_mean' (the public code's Balanced Softmax weighting) reweights "
+        "the classifier update only, so it needs a Difficulty-Net method with "
+        f"meta_grad='driver_only' (got method={config.method!r}, meta_grad={config.meta_grad!r}).")
+  augment = config.data.get("train_augment", "crop_flip")
+  if augment not in split_lists.TRAIN_AUGMENTS:
+    raise InvalidInputError(f"data.train_augment={augment!r}; choose one of: "
+                            f"{', '.join(split_lists.TRAIN_AUGMENTS)}.")
+  if "train_augment" in config.data and int(config.data.get("meta_per_class", 0)) < 0:
+    raise InvalidInputError(f"data.meta_per_class must be >= 0 (0 = the whole meta list), got "
+                            f"{config.data.meta_per_class}.")
+  if config.data.source == "imagenet_lt" and int(config.data.get("meta_per_class", 0)) > 0:
+    raise InvalidInputError("data.meta_per_class picks images from the validation split list; "
+                            "with data.source='imagenet_lt' (TFDS records) set it to 0, or use "
+                            "data.source='split_list' with ImageNet_LT_val.txt.")
 
 
 def check_images(x: np.ndarray, model: str, what: str = "images") -> None:

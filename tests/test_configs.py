@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dnet_jax.models import build_classifier, build_difficulty_net
+from experiments import experiment
 from experiments import methods
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -50,7 +51,8 @@ def test_config_loads_and_builds(path):
     assert "python -m experiments.train --config=experiments/configs/" in module_doc, (
         "each config's docstring gives the exact command to run it")
   shape, num_classes = _DATA_SHAPES[config.data.name]
-  model = build_classifier(config.model, num_classes, dtype=jnp.dtype(config.dtype))
+  model = build_classifier(config.model, num_classes, dtype=jnp.dtype(config.dtype),
+                           **experiment.model_options(config))
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((2,) + shape), train=False))
   logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2,) + shape), train=False),
@@ -93,7 +95,7 @@ def test_paper_hyperparameters_in_cifar_configs():
 @pytest.mark.parametrize("field,value,match", [
     ("method", "mixup", "difficulty_net, difficulty_net_bs, ce"),
     ("meta_grad", "fd", "nested, jvp, driver_only"),
-    ("lr_schedule", "poly", "step, cosine, constant"),
+    ("lr_schedule", "poly", "step, cosine, cosine_epoch, constant"),
     ("model", "vit", "resnet32"),
 ])
 def test_validate_config_lists_valid_choices(field, value, match):

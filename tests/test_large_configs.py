@@ -14,6 +14,7 @@ step must then equal the file's everywhere but in the head.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -31,6 +32,7 @@ from experiments import pretrained_init
 from experiments import trainer
 from experiments.configs import imagenet_lt
 from experiments.configs import places_lt
+from experiments.configs import places_lt_public
 from experiments.configs import split_list_lt
 from experiments.errors import InvalidInputError
 from tests import split_list_data
@@ -56,7 +58,7 @@ def lists(tmp_path_factory):
 def narrow_models(monkeypatch):
   """The runner builds the config's ResNet with base width WIDTH instead of 64."""
   monkeypatch.setattr(experiment, "build_classifier",
-                      lambda name, n, **kw: build_classifier(name, n, width=WIDTH, **kw))
+                      lambda name, n, **kw: build_classifier(name, n, **dict(kw, width=WIDTH)))
 
 
 def tiny(config, lists, **overrides):
@@ -65,6 +67,8 @@ def tiny(config, lists, **overrides):
   config.many_threshold, config.few_threshold = 5, 4
   config.num_epochs, config.max_steps = 1, 1
   config.log_every_steps, config.progress_bar = 1, False
+  if config.data.get("meta_per_class", 0):  # the public recipes' 10 per class: all 2 here
+    config.data.meta_per_class = META_PER_CLASS
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -93,6 +97,21 @@ def random_variables(model, seed: int):
   return variables
 
 
+def read_loop_record(workdir, step) -> dict:
+  """The `Progress` JSON saved with checkpoint `step` (experiments/loop.py)."""
+  directory = os.path.join(workdir, "checkpoints", str(step), "loop")
+  for root, _, files in os.walk(directory):
+    for name in files:
+      try:
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+          record = json.load(f)
+      except (ValueError, UnicodeDecodeError):
+        continue
+      if isinstance(record, dict) and "extra" in record:
+        return record
+  raise AssertionError(f"no Progress record under {directory}")
+
+
 def read_checkpoint(workdir, step):
   with ocp.StandardCheckpointer() as reader:
     return jax.device_get(reader.restore(os.path.join(workdir, "checkpoints", str(step),
@@ -102,6 +121,7 @@ def read_checkpoint(workdir, step):
 # The deep models use the public code's driver-only meta-gradient here only because the
 # nested second-order step of ResNet-50/152 takes XLA minutes to compile on CPU; the nested
 # one runs on ResNet-10 (split_list_lt) and is tested against finite differences elsewhere.
+# imagenet_lt_public.py runs killed and resumed in tests/test_public_stage1.py (ResNet-10).
 def test_imagenet_lt_config_runs_a_step(tmp_path, lists, narrow_models):
   config = tiny(imagenet_lt.get_config(), lists, meta_grad="driver_only")
   assert (config.model, config.method, tuple(config.dnet.hidden)) == (
@@ -116,25 +136,54 @@ def test_split_list_config_runs_a_step(tmp_path, lists, narrow_models):
   check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
 
 
-def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models):
-  # "ImageNet" weights: the same ResNet-152 with a 10-class head, random but not the run's init.
-  path = str(tmp_path / "resnet152_pretrained.npz")
+# The public recipe's surgery is the same at every depth: ResNet-50 compiles 3x faster.
+@pytest.mark.parametrize("module,depth,layers", [(places_lt, "resnet152", 400),
+                                                 (places_lt_public, "resnet50", 120)],
+                         ids=["ours", "public"])
+def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models, module,
+                                                         depth, layers):
+  # "ImageNet" weights: the same ResNet with a 10-class head, random but not the run's init.
+  path = str(tmp_path / f"{depth}_pretrained.npz")
   pretrained.save_variables_npz(
-      path, random_variables(build_classifier("resnet152", 10, width=WIDTH), seed=123))
+      path, random_variables(build_classifier(depth, 10, width=WIDTH), seed=123))
 
-  config = tiny(places_lt.get_config(), lists, meta_grad="driver_only", pretrained_path=path,
+  config = tiny(module.get_config(), lists, meta_grad="driver_only", pretrained_path=path,
                 learning_rate=0.0)  # lr 0: the step leaves the parameters as loaded
   assert (config.model, tuple(config.dnet.hidden)) == ("resnet152", (512, 512))
+  config.model = depth
+  assert (config.method, config.meta_grad) == ("difficulty_net", "driver_only")
   workdir = str(tmp_path / "run")
   check_results(trainer.train_and_evaluate(config, workdir), config)
 
   saved = pretrained.flatten_variables({"params": read_checkpoint(workdir, 1)["params"]})
   loaded = pretrained.read_npz(path)
   assert saved["params/classifier/kernel"].shape == (32 * WIDTH, NUM_CLASSES)  # new head
-  body = [k for k in saved if not k.startswith("params/classifier/")]
-  assert len(body) > 400  # every conv and BatchNorm of the 152 layers
+  new = ("params/classifier/", "params/extra_block/")
+  body = [k for k in saved if not k.startswith(new)]
+  assert len(body) > layers  # every conv and BatchNorm of the network
   for key in body:
     np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
+  # The accuracy vector: public, refreshed from the initial network before step 0 (and not
+  # again within the one step); ours, zeros until the first epoch end.
+  state, extra = read_checkpoint(workdir, 1), read_loop_record(workdir, 1)["extra"]
+  if module is places_lt_public:
+    initial = np.asarray(extra["initial_val_per_class"], np.float32)
+    np.testing.assert_array_equal(state["class_accuracy"], initial)
+    assert initial.shape == (NUM_CLASSES,) and initial.sum() > 0
+  else:
+    assert "initial_val_per_class" not in extra and not np.any(state["class_accuracy"])
+  if module is places_lt_public:  # the surgery: layer4.2 not loaded, the new block at its init
+    assert not any(k.startswith("params/stage4_block3/") for k in saved)
+    assert any(k.startswith("params/stage4_block3/") for k in loaded)
+    assert "params/classifier/bias" not in saved  # cosine head
+    for name in ("bn1", "bn2", "bn3"):
+      np.testing.assert_array_equal(saved[f"params/extra_block/{name}/scale"], 1.0)
+      np.testing.assert_array_equal(saved[f"params/extra_block/{name}/bias"], 0.0)
+    kernel = saved["params/extra_block/conv2/kernel"]
+    assert kernel.shape == loaded["params/stage4_block2/conv2/kernel"].shape
+    assert not np.array_equal(kernel, loaded["params/stage4_block2/conv2/kernel"])
+  else:
+    assert not any(k.startswith("params/extra_block/") for k in saved)
 
 
 def test_load_into_state_reinitialises_a_head_of_another_shape(tmp_path):

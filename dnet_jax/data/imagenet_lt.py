@@ -100,11 +100,13 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
                  process_count: int | None = None, image_size: int = 224,
                  resize_size: int = 256, mean: Sequence[float] = split_lists.IMAGENET_MEAN,
                  std: Sequence[float] = split_lists.IMAGENET_STD, flip: bool = True,
-                 shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
-                 prefetch: int = 2, skip_batches: int = 0):
+                 train_augment: str = "crop_flip", shuffle_buffer: int = 2048,
+                 num_parallel_calls: int | None = None, prefetch: int = 2,
+                 skip_batches: int = 0):
   """One epoch of this process's ImageNet-LT batches as a `tf.data.Dataset`.
 
-  Arguments as `split_lists.make_dataset`, with `split` one of "train",
+  Arguments as `split_lists.make_dataset` (`train_augment` is its `augment`:
+  the training transform by name), with `split` one of "train",
   "validation", "test" (or any TFDS split expression) and `data_dir` the TFDS
   data directory. `shuffle_buffer` bounds the memory of the example shuffle
   (encoded JPEGs, ~110 kB each on ImageNet). `skip_batches` (training only)
@@ -150,7 +152,8 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
     seeds = tf.stack([tf.constant(base_seed, tf.int64), example_seed])
     out = {"image": split_lists.preprocess(
                example["image"], seeds, train=train, image_size=image_size,
-               resize_size=resize_size, mean=mean, std=std, flip=flip),
+               resize_size=resize_size, mean=mean, std=std, flip=flip,
+               augment=train_augment),
            "label": tf.cast(example["label"], tf.int32)}
     if not train:
       out["mask"] = tf.constant(1.0, tf.float32)
@@ -179,8 +182,8 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
                  process_count: int | None = None, image_size: int = 224,
                  resize_size: int = 256, mean: Sequence[float] = split_lists.IMAGENET_MEAN,
                  std: Sequence[float] = split_lists.IMAGENET_STD,
-                 shuffle_buffer: int = 2048, num_parallel_calls: int | None = None,
-                 prefetch: int = 2):
+                 train_augment: str = "crop_flip", shuffle_buffer: int = 2048,
+                 num_parallel_calls: int | None = None, prefetch: int = 2):
   """Difficulty-Net's meta batches of one epoch, drawn from the (balanced) validation split.
 
   This process's part of the split (`tfds.split_for_jax_process`) is shuffled
@@ -189,8 +192,8 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
   batches `skip_batches`.. are returned (a resumed run skips those it had used;
   they are read, not decoded). The TFRecords are read sequentially, so this is
   a shuffled stream rather than the independent per-step draws that
-  `split_lists` lists allow. An example's crop and flip (`augment`: the
-  training transform, else the evaluation one) are seeded by (seed, epoch, its
+  `split_lists` lists allow. An example's augmentation (`augment`: the
+  training transform `train_augment`, else the evaluation one) are seeded by (seed, epoch, its
   TFDS id, its position in the stream).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -219,7 +222,7 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
         tf.stack([tf.constant(base_seed, tf.int64), example_seed]), position)
     return {"image": split_lists.preprocess(
                 example["image"], seeds, train=augment, image_size=image_size,
-                resize_size=resize_size, mean=mean, std=std),
+                resize_size=resize_size, mean=mean, std=std, augment=train_augment),
             "label": tf.cast(example["label"], tf.int32)}
 
   parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls

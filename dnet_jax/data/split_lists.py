@@ -23,7 +23,8 @@ Python (PIL/numpy) in worker processes, and it is not installed. We get the
 property Grain would give, exact resumability, differently: the example order
 comes from `dnet_jax.data.batching.epoch_permutation(seed, epoch, n)` (numpy,
 the same in every process) and every random crop and flip is a *stateless*
-TF op seeded by (seed, epoch, example index), so an epoch is a pure function
+TF op seeded by (seed, epoch, example index) (crops, flips, ColorJitter and
+RandAugment draws alike), so an epoch is a pure function
 of (seed, epoch) -- independent of thread scheduling, of the number of
 processes, and of where a resumed run restarts. TensorFlow is imported
 lazily (the list parsing needs only numpy) and never sees a GPU.
@@ -38,9 +39,11 @@ whose `mask` is 0 (`dnet_jax.steps.eval_step` ignores them).
 
 Transforms (torchvision's ImageNet recipe, as used by OLTR / Decoupling /
 Difficulty-Net):
-  train: random-resized crop (area 8%..100% of the image, aspect ratio
-         3/4..4/3, as `RandomResizedCrop`), resize to `image_size`, random
-         horizontal flip;
+  train: by name (`train_transform`): "crop_flip" = random-resized crop (area
+         8%..100% of the image, aspect ratio 3/4..4/3, as `RandomResizedCrop`),
+         resize to `image_size`, random horizontal flip; "public_imagenet" /
+         "public_places" = the public Difficulty-Net chains (reflect padding,
+         ColorJitter, RandAugment for ImageNet-LT; `color_randaugment`);
   eval:  resize the shorter side to `resize_size` (256), centre crop
          `image_size` (224);
   both:  scale to [0, 1], subtract `mean` and divide by `std` (ImageNet's).
@@ -63,6 +66,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Stream tag for the augmentation seeds (the order uses batching's own streams).
 _AUGMENT_STREAM = 11
+# Stream tag of the per-class subset draw (`per_class_subset`).
+_SUBSET_STREAM = 13
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,6 +91,34 @@ def class_counts(labels: Any, num_classes: int) -> np.ndarray:
   if isinstance(labels, SplitList):
     labels = labels.labels
   return np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+
+
+def per_class_subset(split: SplitList, per_class: int, seed: int) -> SplitList:
+  """`per_class` examples of every class of `split`, drawn without replacement, in list order.
+
+  The public Difficulty-Net code keeps 10 random images per class of the
+  ImageNet-LT / Places-LT validation list as its meta and validation set
+  (ImageNet_Places-LT/datasets/imagenet.py:173-180, `np.random.choice(idx, 10,
+  replace=False)`, unseeded); here the draw is a pure function of `seed`
+  (numpy `default_rng([seed, 13])`, one `choice` per class in class order).
+
+  Raises:
+    ValueError: `per_class` < 1, or a class has fewer than `per_class` examples.
+  """
+  if per_class < 1:
+    raise ValueError(f"per_class must be >= 1, got {per_class}.")
+  counts = split.class_counts()
+  short = np.flatnonzero(counts < per_class)
+  if short.size:
+    raise ValueError(f"{split.list_path}: class {int(short[0])} has {int(counts[short[0]])} "
+                     f"example(s), fewer than the {per_class} per class asked for "
+                     f"({short.size} such class(es)); lower the number per class.")
+  rng = np.random.default_rng([int(seed), _SUBSET_STREAM])
+  chosen = np.concatenate([
+      rng.choice(np.flatnonzero(split.labels == c), per_class, replace=False)
+      for c in range(split.num_classes)])
+  chosen.sort()
+  return dataclasses.replace(split, paths=split.paths[chosen], labels=split.labels[chosen])
 
 
 def read_split_list(list_path: str | os.PathLike, num_classes: int | None = None,
@@ -282,20 +315,53 @@ def resize_center_crop(image, image_size: int, resize_size: int):
   return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
 
 
-def preprocess(image_bytes, seed, *, train: bool, image_size: int, resize_size: int,
-               mean: Sequence[float], std: Sequence[float], flip: bool = True):
-  """Encoded image -> normalised float32 [image_size, image_size, 3].
+# Training transforms by name (`preprocess(augment=...)`, `data.train_augment` in the runner).
+TRAIN_AUGMENTS = ("crop_flip", "public_imagenet", "public_places")
 
-  `seed` (int32/int64 [2]) drives the crop and the flip in training and is
-  ignored in evaluation.
+
+def check_augment(augment: str) -> None:
+  """Raises ValueError naming the choices if `augment` is not in TRAIN_AUGMENTS."""
+  if augment not in TRAIN_AUGMENTS:
+    raise ValueError(f"Unknown training augmentation {augment!r}; choose one of: "
+                     f"{', '.join(TRAIN_AUGMENTS)}.")
+
+
+def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = True):
+  """Decoded uint8 image -> augmented [image_size, image_size, 3] in [0, 255] (not normalised).
+
+  "crop_flip": `random_resized_crop` + horizontal flip (torchvision's ImageNet
+  recipe). "public_imagenet": the public Difficulty-Net ImageNet-LT chain
+  (ImageNet_Places-LT/datasets/imagenet.py:201-217): reflect-pad 4 ->
+  RandomResizedCrop -> flip -> ColorJitter(0.4, 0.4, 0.4) -> RandAugment
+  rand-n2-m10-mstd0.5 (`color_randaugment.train_augment`). "public_places": the
+  same without RandAugment (its Places-LT chain).
   """
   tf = _tf()
-  image = decode_image(image_bytes)
-  if train:
+  check_augment(augment)
+  if augment == "crop_flip":
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     image = random_resized_crop(image, crop_seed, image_size)
     if flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return image
+  from dnet_jax.data import color_randaugment  # pylint: disable=g-import-not-at-top
+
+  return color_randaugment.train_augment(image, seed, image_size=image_size,
+                                         use_rand_augment=augment == "public_imagenet")
+
+
+def preprocess(image_bytes, seed, *, train: bool, image_size: int, resize_size: int,
+               mean: Sequence[float], std: Sequence[float], flip: bool = True,
+               augment: str = "crop_flip"):
+  """Encoded image -> normalised float32 [image_size, image_size, 3].
+
+  Training: `train_transform(augment=...)`, driven by `seed` (int32/int64 [2]);
+  evaluation: resize the shorter side to `resize_size`, centre crop (seed ignored).
+  """
+  tf = _tf()
+  image = decode_image(image_bytes)
+  if train:
+    image = train_transform(image, seed, augment=augment, image_size=image_size, flip=flip)
   else:
     image = resize_center_crop(image, image_size, resize_size)
   image = tf.cast(image, tf.float32) / 255.0
@@ -314,7 +380,8 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
                  process_count: int | None = None, image_size: int = 224,
                  resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, flip: bool = True,
-                 num_parallel_calls: int | None = None, prefetch: int = 2):
+                 augment: str = "crop_flip", num_parallel_calls: int | None = None,
+                 prefetch: int = 2):
   """One epoch of this process's batches as a `tf.data.Dataset` (see the module docstring).
 
   Args:
@@ -329,7 +396,8 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
       default `jax.process_index()`, `jax.process_count()`.
     image_size, resize_size: output side, and the eval resize of the shorter side.
     mean, std: per-channel normalisation of [0, 1] images.
-    flip: random horizontal flip in training.
+    flip: random horizontal flip in training ("crop_flip" only; the public chains flip).
+    augment: the training transform, one of TRAIN_AUGMENTS (`train_transform`).
     num_parallel_calls: decoding threads (default: tf.data's autotuning).
     prefetch: batches prepared ahead (bounds memory with the decode threads).
 
@@ -347,7 +415,8 @@ def make_dataset(split: SplitList, image_root: str | os.PathLike, *, batch_size:
   return examples_dataset(split, image_root, indices, augmentation_seeds(seed, epoch, indices),
                           batch_size=batch_size, train=train, mask=None if train else mask,
                           image_size=image_size, resize_size=resize_size, mean=mean, std=std,
-                          flip=flip, num_parallel_calls=num_parallel_calls, prefetch=prefetch)
+                          flip=flip, augment=augment, num_parallel_calls=num_parallel_calls,
+                          prefetch=prefetch)
 
 
 def augmentation_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
@@ -366,7 +435,8 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
                      mask: np.ndarray | None = None, image_size: int = 224,
                      resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD, flip: bool = True,
-                     num_parallel_calls: int | None = None, prefetch: int = 2):
+                     augment: str = "crop_flip", num_parallel_calls: int | None = None,
+                     prefetch: int = 2):
   """Batches of the list's examples `indices`, in that order, as a `tf.data.Dataset`.
 
   The building block of `make_dataset`, for callers that choose the examples
@@ -378,11 +448,13 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
     seeds: int64 [n, 2] stateless augmentation seeds, one per example (see
       `augmentation_seeds`); ignored by the evaluation transform.
     batch_size: examples per batch.
-    train: the random-resized crop + flip transform; otherwise resize + centre crop.
+    train: the training transform `augment` (`train_transform`); otherwise resize +
+      centre crop.
     mask: float32 [n]: adds "mask" to every batch (evaluation padding); None: no mask.
     Others: as `make_dataset`.
   """
   tf = _tf()
+  check_augment(augment)
   indices = np.asarray(indices, np.int64)
   root = os.fspath(image_root)
   files = np.asarray([os.path.join(root, p) for p in split.paths[indices]], dtype=object)
@@ -395,7 +467,7 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
   def load(example):
     out = {"image": preprocess(tf.io.read_file(example["file"]), example["seed"], train=train,
                                image_size=image_size, resize_size=resize_size, mean=mean,
-                               std=std, flip=flip),
+                               std=std, flip=flip, augment=augment),
            "label": tf.cast(example["label"], tf.int32)}
     if mask is not None:
       out["mask"] = example["mask"]

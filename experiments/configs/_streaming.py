@@ -20,6 +20,13 @@ image root" data set:
   data.image_size, data.resize_size
                       training crops and evaluation centre crops are image_size
                       square; evaluation resizes the shorter side to resize_size
+  data.train_augment the training transform: crop_flip (random-resized crop +
+                      flip) | public_imagenet (reflect-pad 4, crop, flip,
+                      ColorJitter 0.4, RandAugment rand-n2-m10-mstd0.5) |
+                      public_places (the same without RandAugment)
+  data.meta_per_class keep this many images per class of meta_list, drawn with
+                      data.seed (0 = the whole list; the public code: 10;
+                      source split_list only)
   data.check_files    check that every listed image exists before training
                       (one directory listing per folder: seconds for ImageNet)
   data.decode_threads tf.data decoding threads per process (0 = autotune)
@@ -50,6 +57,8 @@ def add_streaming_fields(config: ml_collections.ConfigDict, *, name: str, num_cl
   data.num_classes = num_classes
   data.image_size = 224
   data.resize_size = 256
+  data.train_augment = "crop_flip"
+  data.meta_per_class = 0
   data.check_files = True
   data.decode_threads = 0
   data.prefetch_batches = 2

@@ -27,9 +27,13 @@ Field reference (see METHOD.md for the maths):
   cb_beta           class-balanced (effective number) beta
   model, dtype      classifier by name (dnet_jax.models.MODEL_NAMES) and its
                     compute dtype (float32 | bfloat16)
+  model_kwargs      options of the classifier (ResNets): head ("linear" |
+                    "cosine"), cosine_scale, cosine_bias; ImageNet ResNets also
+                    drop_last_blocks, extra_block (the Places-LT surgery), width
   pretrained_path   .npz of backbone weights loaded before the first step of a
                     new run ("" = random init; experiments/pretrained_init.py);
-                    a head of another shape is re-initialised
+                    a head of another shape is re-initialised, a new block
+                    (extra_block) keeps its init, dropped blocks are not loaded
   sync_batchnorm    average BatchNorm batch statistics over devices, so that
                     n devices behave like one device with the global batch
   data.*            dnet_jax.data.load_long_tailed's config: source, name,
@@ -44,6 +48,17 @@ Field reference (see METHOD.md for the maths):
                     global batch sizes (split over the local devices)
   learning_rate, momentum, nesterov, weight_decay
                     classifier SGD
+  param_groups      {name: (patterns, lr multiplier)}: parameters whose '/'-joined
+                    path matches one of the regular expressions (first group
+                    first) train at multiplier x the schedule's rate; the rest
+                    at the schedule's rate ({} = one group; dnet_jax.optim)
+  loss_weighting    per_example (mean_i w_{y_i} l_i, the method) | batch_mean
+                    (mean_i l_i x mean_i w_{y_i}: the public code's Balanced
+                    Softmax, whose (B, 1) loss broadcasts against the (B,)
+                    weights; driver_only meta-gradient only)
+  refresh_at        epoch_end (a from the validation set after every epoch; the
+                    first epoch uses a = 0) | epoch_start (also before the first
+                    step, from the initial network: the public ImageNet/Places code)
   lr_schedule       step (warm-up, then x lr_decay_factor at lr_decay_epochs)
                     | cosine (warm-up, cosine to 0) | constant | public_cifar
                     (the public CIFAR stage 1, C1:46-51: learning_rate x (1 +
@@ -107,6 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   config.model = "resnet32"
   config.dtype = "float32"
+  config.model_kwargs = ml_collections.ConfigDict()
   config.pretrained_path = ""
   config.sync_batchnorm = True
 
@@ -137,6 +153,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 5
   config.lr_decay_epochs = (160, 180)
   config.lr_decay_factor = 0.1
+  config.param_groups = ml_collections.ConfigDict()
+  config.loss_weighting = "per_example"
+  config.refresh_at = "epoch_end"
   config.augment = True
   config.augment_meta = True
   config.cutout_size = 0

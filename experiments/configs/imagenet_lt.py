@@ -1,4 +1,12 @@
-r"""Difficulty-Net on ImageNet-LT with ResNet-50 (ResNet-10 as a field): the paper's recipe.
+r"""Difficulty-Net on ImageNet-LT with ResNet-50 (ResNet-10 as a field): our streamed recipe.
+
+This is NOT the public code's recipe: it is torchvision's standard ImageNet
+schedule (90 epochs, lr 0.1 at batch 256, per-step cosine, crop + flip only, a
+linear head, the exact nested meta-gradient, a per-example weighted loss, a
+meta set of the whole validation list with training augmentation). The public
+Difficulty-Net code's stage 1 (180 epochs at 0.05 / 128, cosine head,
+RandAugment, 10 validation images per class, ...) is imagenet_lt_public.py,
+with every setting traced to its source (RECIPES.md "ImageNet-LT").
 
 Data. ImageNet-LT (Liu et al., OLTR, CVPR 2019) is a list-defined subset of
 ImageNet 2012: 1,000 classes, 115,846 training images (1,280..5 per class),
@@ -46,17 +54,20 @@ per epoch x 90 epochs = 40.7k steps. A Difficulty-Net step with the exact
 evaluation of 70,000 images per epoch: roughly 3-6 hours on a Cloud TPU v4-8 or
 8 A100 GPUs (float32; --config.dtype=bfloat16 is faster on TPU), if the hosts
 decode about 3,000 JPEGs/s (tf.data uses every CPU core of each host).
-The paper reports 54.0 % top-1 with ResNet-50 (57.4 with RandAugment, not
-implemented here) and 44.6 % with ResNet-10.
+The paper reports 54.0 % top-1 with ResNet-50 (57.4 with RandAugment) and
+44.6 % with ResNet-10, all from the public code's two-stage recipe
+(imagenet_lt_public.py and its stage 2), not from this one.
 
-Recipe (METHOD.md, Sinha & Ohashi WACV 2023): Difficulty-Net with Balanced
-Softmax (method difficulty_net_bs), relative Difficulty-Net with hidden widths
-(1024, 1024) and biases, Adam lr 1e-3, L2 1e-4, lambda 0.3; classifier SGD lr
-0.1 at batch 256, momentum 0.9 Nesterov, weight decay 5e-4, cosine schedule
-without warm-up, 90 epochs; 224x224 random-resized crops and flips (tf.data),
-evaluation resize 256 + centre crop 224; many-shot > 100, few-shot < 20 training
-images. Chosen here (not stated in the paper): meta batch 256 drawn per step
-from the validation list, with the training augmentation (augment_meta).
+Recipe. Shared with the public code (METHOD.md; RECIPES.md): Difficulty-Net with
+Balanced Softmax (method difficulty_net_bs), relative Difficulty-Net with hidden
+widths (1024, 1024) and biases, Adam lr 1e-3, L2 1e-4, lambda 0.3; SGD momentum
+0.9 Nesterov, weight decay 5e-4, cosine schedule without warm-up; evaluation
+resize 256 + centre crop 224; many-shot > 100, few-shot < 20 training images.
+Our own choices: classifier lr 0.1 at batch 256 for 90 epochs (torchvision's
+ImageNet schedule), per-step cosine, a linear head, 224x224 random-resized crops
+and flips only (data.train_augment="crop_flip"; "public_imagenet" adds the
+public chain), meta batch 256 drawn per step from the whole validation list
+with the training augmentation (augment_meta), METHOD.md's nested meta-gradient.
 """
 
 from experiments.configs import _streaming

@@ -1,4 +1,12 @@
-r"""Difficulty-Net on Places-LT with an ImageNet-pretrained ResNet-152.
+r"""Difficulty-Net on Places-LT with an ImageNet-pretrained ResNet-152: our streamed recipe.
+
+This is NOT the public code's recipe: every parameter trains at one rate (lr
+0.1 at batch 256, cosine), with the whole pretrained ResNet-152 and a linear
+head. The public Difficulty-Net code's stage 1 (layer4's last block replaced by
+a new block, cosine head, backbone lr 0.001 and new block + head 0.01 at batch
+128, x0.1 at epochs 10 and 20 of 30, ColorJitter, 10 validation images per
+class, ...) is places_lt_public.py, with every setting traced to its source
+(RECIPES.md "Places-LT").
 
 Data. Places-LT (Liu et al., OLTR, CVPR 2019) is a list-defined subset of
 Places365-Standard: 365 classes, 62,500 training images (4,980..5 per class),
@@ -45,18 +53,18 @@ Run time -- an ESTIMATE, not measured (no accelerator was available): 244
 steps per epoch x 30 epochs = 7.3k steps of ResNet-152 (about 2.3x the compute
 of ResNet-50) with the nested meta-gradient (about 3-4 plain steps each), plus
 an evaluation of 43,800 images per epoch: roughly 1-2 hours on a Cloud TPU
-v4-8 or 8 A100 GPUs in float32. The paper reports 41.7 % top-1.
+v4-8 or 8 A100 GPUs in float32. The paper reports 41.7 % top-1, from the public
+code's two-stage recipe (places_lt_public.py and its stage 2), not from this one.
 
-Recipe. From METHOD.md / the paper: relative Difficulty-Net, hidden widths
-(512, 512) with biases, Adam lr 1e-3, L2 1e-4, lambda 0.3; classifier weight
-decay 5e-4, momentum 0.9; ImageNet-pretrained ResNet-152; many-shot > 100,
-few-shot < 20. Not stated in the paper, chosen and documented here: 30 epochs
-(the OLTR / Decoupling schedule for fine-tuning the pretrained ResNet-152;
-MiSLAS, on which the public Difficulty-Net code for Places builds, trains 90:
---config.num_epochs=90), SGD lr 0.1 at batch 256 with a cosine schedule and
-no warm-up (MiSLAS), plain (not Nesterov) momentum, plain weighted
-cross-entropy (method difficulty_net; --config.method=difficulty_net_bs adds
-Balanced Softmax), meta batch 256 per step from the validation list.
+Recipe. Shared with the public code (RECIPES.md "Places-LT"): relative
+Difficulty-Net, hidden widths (512, 512) with biases, Adam lr 1e-3, L2 1e-4,
+lambda 0.3; classifier weight decay 5e-4, plain (not Nesterov) momentum 0.9;
+ImageNet-pretrained ResNet-152; 30 epochs; weighted cross-entropy (method
+difficulty_net); many-shot > 100, few-shot < 20. Our own choices: SGD lr 0.1
+for every parameter at batch 256 with a per-step cosine schedule and no
+warm-up, the whole pretrained network with a linear head, crop + flip only,
+METHOD.md's nested meta-gradient, meta batch 256 per step from the whole
+validation list with the training augmentation.
 """
 
 from experiments.configs import _streaming

@@ -13,7 +13,8 @@ exist as given is looked up in the image root):
 ImageNet-LT and Places-LT are this format with the OLTR lists (Liu et al., CVPR
 2019; the Google Drive folder linked from the "Data Preparation" section of
 https://github.com/zhmiao/OpenLongTailRecognition-OLTR); their own configs are
-imagenet_lt.py and places_lt.py.
+imagenet_lt.py and places_lt.py (ours) and imagenet_lt_public.py
+and places_lt_public.py (the public code's recipes).
 
 Command:
 
