@@ -67,8 +67,9 @@ _MODEL_OPTIONS = {"resnet32": _RESNET_OPTIONS + ("widths",), "resnet10": _IMAGEN
 # field -> (lowest, highest, whether the lowest is allowed, what the field means). Every value
 # must also be finite. Fields missing from a config are not checked.
 VALUE_RANGES = {
-    "learning_rate": (0.0, math.inf, False, "the SGD learning rate (negative would ascend the "
-                                            "loss)"),
+    # 0 is allowed: it freezes the classifier (a probe of the loaded weights); < 0 ascends.
+    "learning_rate": (0.0, math.inf, True, "the SGD learning rate (negative would ascend the "
+                                           "loss)"),
     "momentum": (0.0, 1.0, True, "the SGD momentum, in [0, 1)"),
     "weight_decay": (0.0, math.inf, True, "the L2 weight decay"),
     "warmup_epochs": (0.0, math.inf, True, "the linear warm-up length in epochs"),

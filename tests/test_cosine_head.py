@@ -41,7 +41,7 @@ def test_zero_features_give_finite_logits_and_unknown_head_is_an_error():
   head = CosineClassifier(num_classes=3)
   variables = head.init(jax.random.key(0), jnp.ones((1, 4)))
   assert np.all(head.apply(variables, jnp.zeros((2, 4))) == 0.0)
-  with pytest.raises(ValueError, match="Unknown classifier head 'cos'.*linear, cosine"):
+  with pytest.raises(ValueError, match="Unknown classifier head 'cos'; choose one of linear, .*cosine"):
     classifier_head("cos", 3)
 
 
