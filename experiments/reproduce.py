@@ -20,13 +20,32 @@ between the paper and the driver_only row, the recipe and the randomness.
 
 Presets (`PRESETS`, keyed by data set): cifar100 (paper: 52.96 / 56.90 / 65.22 at
 rho 100 / 50 / 10; CE's and the stage-1 numbers of the paper were not recorded
-here, shown as "n/r") and cifar10 (paper numbers not recorded here). ImageNet-LT
-and Places-LT rows: TODO(merge) below, once their public stage-1 configs
-(imagenet_lt_public.py, places_lt_public.py) are on this branch.
+here, shown as "n/r") and cifar10 (paper numbers not recorded here).
 
-Expected accelerator time (estimated, not measured): a public stage-1 run is
-12,800 epochs of ~80 steps at rho = 100 (~1.0M steps, fewer at rho 50 / 10 has
-more images: ~1.6M); a Difficulty-Net step costs about three ResNet-32
+ImageNet-LT and Places-LT (streamed split lists; --data_dir is the image root,
+config.data.image_root, that the lists' paths are relative to):
+
+  python -m experiments.reproduce --dataset=imagenet_lt --data_dir=IMAGENET \
+    --workdir=runs/reproduce_imagenet_lt                    # ResNet-50
+  python -m experiments.reproduce --dataset=imagenet_lt_r10 --data_dir=IMAGENET \
+    --workdir=runs/reproduce_imagenet_lt_r10                # ResNet-10
+  python -m experiments.reproduce --dataset=places_lt --data_dir=PLACES365 \
+    --pretrained_path=resnet152_imagenet.npz --workdir=runs/reproduce_places_lt
+
+run one row each: stage 1 of imagenet_lt_public.py / places_lt_public.py exactly
+as the config file sets it (method key "public_config": Difficulty-Net with the
+driver-only meta-gradient; Balanced Softmax on ImageNet, weighted CE on Places),
+then stage 2 of imagenet_lt_stage2.py / places_lt_stage2.py on it (LWS scales on
+LAS, shifted BN, class-aware sampler, best-test start as the public code). Its
+rho is the split's imbalance factor (256 ImageNet-LT, 996 Places-LT; the lists fix
+the split). Paper (METHOD.md): ImageNet-LT ResNet-50 57.4 (with RandAugment; the
+public code runs RandAugment in every ImageNet run, RECIPES.md, so its 54.0
+without RandAugment is not the row this recipe reproduces), ResNet-10 44.6 (the
+paper's row; our recipe runs RandAugment here too); Places-LT 41.7.
+
+Expected accelerator time of the CIFAR presets (estimated, not measured): a public
+stage-1 run is 12,800 epochs of ~80 steps at rho = 100 (~1.0M steps; rho 50 / 10
+has more images: ~1.6M); a Difficulty-Net step costs about three ResNet-32
 forward/backward passes at batch 128, CE one. At ~4 ms per ResNet-32 pass on one
 current GPU that is ~4 h (CE) to ~12 h (Difficulty-Net) per run at rho = 100,
 so the 9 stage-1 runs take roughly 3-5 accelerator-days; the 9 stage-2 runs
@@ -34,6 +53,15 @@ so the 9 stage-1 runs take roughly 3-5 accelerator-days; the 9 stage-2 runs
 see `python -m experiments.augment_benchmark` for its images/s per core and use
 --host_workers accordingly. --num_epochs / --stage2_epochs / --max_steps shrink
 every run alike for a smoke test.
+
+Expected accelerator time of the ImageNet-LT / Places-LT presets (estimated, not
+measured; the stage-1 configs' docstrings give the arithmetic): ResNet-50
+ImageNet-LT stage 1 is 163k steps of batch 128 with the driver-only meta step,
+roughly 10-20 h on 8 A100 GPUs or a TPU v4-8, stage 2 about 1/18 of that;
+ResNet-10 is several times cheaper per step (same step count); Places-LT stage 1
+is 14.6k ResNet-152 steps, roughly 2-4 h on the same hardware, stage 2 about 1/7
+of that. Each needs a host pipeline of about 2,000 decoded and augmented images/s
+(`python -m experiments.stream_augment_benchmark`).
 """
 
 from __future__ import annotations
@@ -47,18 +75,33 @@ from typing import Callable, Sequence
 from experiments import compare
 
 
+METHODS = (("ce", "CE"), ("dnet_driver_only", "Difficulty-Net as the public code runs it"),
+           ("dnet", "Difficulty-Net, exact meta-gradient (nested)"))
+# The stage-1 config file unchanged (no method overrides): the ImageNet-LT / Places-LT row.
+PUBLIC_CONFIG = compare.MethodSpec(
+    "public_config", "Difficulty-Net as the public code runs it (config file unchanged)")
+compare.STAGE1_METHODS.setdefault(PUBLIC_CONFIG.key, PUBLIC_CONFIG)
+CONFIG_ONLY = ((PUBLIC_CONFIG.key, PUBLIC_CONFIG.label),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """A data set's table: configs, imbalance factors and the paper's numbers (%).
+  """A data set's table: configs, imbalance factors, methods and the paper's numbers (%).
 
   paper: {(method key, rho): two-stage top-1 %} as the paper's table prints it;
-  a missing entry shows as "n/r" (not recorded here).
+  a missing entry shows as "n/r" (not recorded here). methods: ((key, label), ...),
+  stage-1 keys of `compare.STAGE1_METHODS`, each also run with stage 2 ("+las").
+  data_field: the config field --data_dir sets (TFDS directory, or the image root
+  of streamed split lists). model: the stage-1 model ("" = the config's).
   """
   stage1_config: Callable
   stage2_config: Callable
   imbalance_factors: tuple
   paper: dict
   note: str
+  methods: tuple = METHODS
+  data_field: str = "data.data_dir"
+  model: str = ""
 
 
 def _cifar(n: int):
@@ -67,6 +110,15 @@ def _cifar(n: int):
   if n == 100:
     return cifar100_lt_public.get_config, cifar100_lt_public_stage2.get_config
   return cifar10_lt_public.get_config, cifar10_lt_public_stage2.get_config
+
+
+def _large(name: str):
+  """(stage-1, stage-2) get_config of the public ImageNet-LT or Places-LT recipe."""
+  from experiments.configs import (  # pylint: disable=g-import-not-at-top
+      imagenet_lt_public, imagenet_lt_stage2, places_lt_public, places_lt_stage2)
+  if name == "imagenet_lt":
+    return imagenet_lt_public.get_config, imagenet_lt_stage2.get_config
+  return places_lt_public.get_config, places_lt_stage2.get_config
 
 
 PRESETS = {
@@ -80,12 +132,24 @@ PRESETS = {
     "cifar10": Preset(
         lambda: _cifar(10)[0](), lambda: _cifar(10)[1](), (100.0, 50.0, 10.0), {},
         "The paper's CIFAR-10-LT numbers are not recorded in this repository (n/r)."),
-    # TODO(merge): "imagenet_lt" and "places_lt" presets from imagenet_lt_public.py /
-    # places_lt_public.py (large-stage1 branch) with imagenet_lt_stage2.py / places_lt_stage2.py;
-    # paper: ImageNet-LT 44.6 (ResNet-10), 54.0 (ResNet-50), 57.4 (RandAugment); Places-LT 41.7.
+    "imagenet_lt": Preset(
+        lambda: _large("imagenet_lt")[0](), lambda: _large("imagenet_lt")[1](), (256.0,),
+        {(PUBLIC_CONFIG.key, 256.0): 57.4},
+        "Paper: ImageNet-LT, ResNet-50 with RandAugment, two stages (METHOD.md); the public "
+        "code runs RandAugment in every ImageNet run (RECIPES.md), so its 54.0 without "
+        "RandAugment is not this row.", CONFIG_ONLY, "data.image_root", "resnet50"),
+    "imagenet_lt_r10": Preset(
+        lambda: _large("imagenet_lt")[0](), lambda: _large("imagenet_lt")[1](), (256.0,),
+        {(PUBLIC_CONFIG.key, 256.0): 44.6},
+        "Paper: ImageNet-LT, ResNet-10, two stages (METHOD.md); our public recipe runs "
+        "RandAugment here too, as the public code does.", CONFIG_ONLY, "data.image_root",
+        "resnet10"),
+    "places_lt": Preset(
+        lambda: _large("places_lt")[0](), lambda: _large("places_lt")[1](), (996.0,),
+        {(PUBLIC_CONFIG.key, 996.0): 41.7},
+        "Paper: Places-LT, ImageNet-pretrained ResNet-152, two stages (METHOD.md).",
+        CONFIG_ONLY, "data.image_root"),
 }
-METHODS = (("ce", "CE"), ("dnet_driver_only", "Difficulty-Net as the public code runs it"),
-           ("dnet", "Difficulty-Net, exact meta-gradient (nested)"))
 TABLE_FILE, JSON_FILE = "reproduce.md", "reproduce.json"
 
 
@@ -104,7 +168,7 @@ def format_table(preset: Preset, rows: Sequence[dict], title: str) -> str:
            "| stage 2 final | stage 2 best-val | stage 2 max |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
   for rho in preset.imbalance_factors:
-    for key, label in METHODS:
+    for key, label in preset.methods:
       one, two = by.get((key, rho)), by.get((key + "+las", rho))
       paper = preset.paper.get((key, rho))
       cells = [f"{rho:g}", label, "n/r" if paper is None else f"{paper:.2f}"]
@@ -131,11 +195,13 @@ def run_reproduce(dataset: str, workdir: str, *, data_dir: str = "", seeds: Sequ
   section = copy.deepcopy(preset.stage2_config().stage2)
   with base.unlocked():
     if data_dir:
-      base.data.data_dir = data_dir
+      compare._set(base, preset.data_field, data_dir)  # pylint: disable=protected-access
+    if preset.model:
+      base.model = preset.model
     for dotted, value in (overrides or {}).items():
       compare._set(base, dotted, value)  # pylint: disable=protected-access
   rhos = tuple(float(r) for r in (imbalance_factors or preset.imbalance_factors))
-  keys = [k for k, _ in METHODS] + [k + "+las" for k, _ in METHODS]
+  keys = [k for k, _ in preset.methods] + [k + "+las" for k, _ in preset.methods]
   grid = compare.run_grid(base, workdir, method_keys=keys, seeds=seeds, imbalance_factors=rhos,
                           stage2_section=section, num_epochs=num_epochs,
                           stage2_epochs=stage2_epochs, max_steps=max_steps,
@@ -163,7 +229,9 @@ def main(argv):
     run_reproduce(f.dataset, f.workdir, data_dir=f.data_dir,
                   seeds=[int(s) for s in f.seeds.split(",")],
                   num_epochs=f.num_epochs, stage2_epochs=f.stage2_epochs, max_steps=f.max_steps,
-                  overrides={"host_workers": f.host_workers},
+                  overrides=dict({"host_workers": f.host_workers},
+                                 **({"pretrained_path": f.pretrained_path}
+                                    if f.pretrained_path else {})),
                   log=lambda line: print(line, flush=True))
   except errors.RunError as e:
     print(f"{type(e).__name__}: {e}", flush=True)
@@ -175,11 +243,14 @@ if __name__ == "__main__":
   from absl import app, flags
 
   flags.DEFINE_enum("dataset", "cifar100", list(PRESETS), "Preset (data set) of the table.")
-  flags.DEFINE_string("data_dir", "", "TFDS data directory (config.data.data_dir).")
+  flags.DEFINE_string("data_dir", "", "TFDS data directory (config.data.data_dir), or the "
+                      "image root of the split lists (imagenet_lt*, places_lt).")
+  flags.DEFINE_string("pretrained_path", "", "places_lt: the ImageNet-pretrained ResNet-152 "
+                      ".npz (config.pretrained_path).")
   flags.DEFINE_string("workdir", None, "Directory of the grid and the table.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-  flags.DEFINE_integer("num_epochs", 0, "Stage-1 epochs (0 = the recipe's 12,800).")
-  flags.DEFINE_integer("stage2_epochs", 0, "Stage-2 epochs (0 = the recipe's 50).")
+  flags.DEFINE_integer("num_epochs", 0, "Stage-1 epochs (0 = the recipe's: CIFAR 12,800).")
+  flags.DEFINE_integer("stage2_epochs", 0, "Stage-2 epochs (0 = the recipe's: CIFAR 50).")
   flags.DEFINE_integer("max_steps", 0, "Stop every run after this many steps (smoke tests).")
   flags.DEFINE_integer("host_workers", 4, "Threads of the host transform.")
   flags.mark_flags_as_required(["workdir"])

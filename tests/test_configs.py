@@ -163,3 +163,47 @@ def test_resnet32_public_head_is_kaiming_normal_with_torch_default_bias():
   assert abs(kernel.std() / math.sqrt(2 / 64) - 1) < 0.04 and abs(kernel.mean()) < 0.01
   # torch's default bias: U(-1/8, 1/8).
   assert bias.min() >= -0.125 and bias.max() <= 0.125 and bias.max() - bias.min() > 0.2
+
+
+@pytest.mark.parametrize("stage2,stage1", [("imagenet_lt_stage2.py", "imagenet_lt_public.py"),
+                                           ("places_lt_stage2.py", "places_lt_public.py")])
+def test_large_stage2_configs_sit_on_the_public_stage1_configs(stage2, stage1):
+  two, one = load_config(os.path.join(CONFIG_DIR, stage2)), load_config(
+      os.path.join(CONFIG_DIR, stage1))
+  assert "TODO" not in open(os.path.join(CONFIG_DIR, stage2), encoding="utf-8").read()
+  # Every stage-1 field is the public stage-1 config's (model surgery, head, data, recipe).
+  assert two.model == one.model and two.model_kwargs.to_dict() == one.model_kwargs.to_dict()
+  assert two.data.to_dict() == one.data.to_dict()
+  stage2_only = ("stage", "stage1_workdir", "stage2")  # what add_stage2_fields adds
+  assert {k: v for k, v in two.to_dict().items() if k not in stage2_only} == {
+      k: v for k, v in one.to_dict().items() if k not in stage2_only}
+  assert two.model_kwargs.head == "cosine" and two.stage2.method == "las"
+
+
+def _batch_norm_paths(config, **model_kwargs):
+  """'/'-joined module paths of the BatchNorm layers of config's model (shapes only)."""
+  kwargs = dict(experiment.model_options(config), **model_kwargs)
+  model = build_classifier(config.model, 365, **kwargs)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  return sorted({"/".join(str(k.key) for k in path[:-1]) for path, _ in
+                 jax.tree_util.tree_leaves_with_path(variables["batch_stats"])})
+
+
+def test_places_shift_bn_pattern_matches_only_the_new_blocks_batchnorm():
+  import re  # pylint: disable=g-import-not-at-top
+  from experiments import errors  # pylint: disable=g-import-not-at-top
+
+  config = load_config(os.path.join(CONFIG_DIR, "places_lt_stage2.py"))
+  pattern = config.stage2.shift_bn_only
+  paths = _batch_norm_paths(config, width=4)  # width-reduced ResNet-152, same module tree
+  assert len(paths) == 1 + 3 * (3 + 8 + 36 + 3 - 1) + 4 + 3  # stem, blocks, downsamples, new
+  assert [p for p in paths if re.search(pattern, p)] == [
+      "extra_block/bn1", "extra_block/bn2", "extra_block/bn3"]
+  # The runner's check accepts it; on the model without the new block it names the layers.
+  fake_stats = {p: {"mean": 0} for p in paths}
+  experiment._check_shift_bn_pattern(config, fake_stats)  # pylint: disable=protected-access
+  without = [p for p in _batch_norm_paths(config, width=4, extra_block=False)]
+  with pytest.raises(errors.InvalidInputError, match="matches no BatchNorm.*stage1_block1"):
+    experiment._check_shift_bn_pattern(  # pylint: disable=protected-access
+        config, {p: {"mean": 0} for p in without})

@@ -45,3 +45,51 @@ def test_reproduce_writes_the_paper_number_beside_ours(tmp_path):
   assert results["stage2"]["sampler"] == "class_aware"
   assert results["stage2"]["init_checkpoint"] == "best_val"
   assert results["config"]["host_transform"] == "public_cifar"
+
+
+def _fabricated_row(key, rho, final, best_val, max_test):
+  return {"key": key, "imbalance": rho, **{
+      block: {"overall": (value, 0.0)} for block, value in (
+          ("final", final), ("best_val", best_val), ("max_test", max_test))}}
+
+
+@pytest.mark.parametrize("dataset,rho,paper,model,data_field", [
+    ("imagenet_lt", 256.0, "57.40", "resnet50", "data.image_root"),
+    ("imagenet_lt_r10", 256.0, "44.60", "resnet10", "data.image_root"),
+    ("places_lt", 996.0, "41.70", "resnet152", "data.image_root"),
+])
+def test_large_presets_put_the_papers_number_beside_ours(dataset, rho, paper, model, data_field):
+  preset = reproduce.PRESETS[dataset]
+  assert preset.imbalance_factors == (rho,) and preset.data_field == data_field
+  stage1, stage2 = preset.stage1_config(), preset.stage2_config()
+  assert (preset.model or stage1.model) == model and stage1.data.source == "split_list"
+  assert stage2.stage2.method == "las" and stage2.stage2.shift_bn
+  (key, label), = preset.methods
+  rows = [_fabricated_row(key, rho, 40.0, 41.25, 42.5),
+          _fabricated_row(key + "+las", rho, 43.0, 44.125, 45.875)]
+  table = reproduce.format_table(preset, rows, dataset)
+  line, = [line for line in table.splitlines() if line.startswith(f"| {rho:g} |")]
+  cells = [c.strip() for c in line.split("|")[1:-1]]
+  assert cells == [f"{rho:g}", label, paper, "40.00", "41.25", "42.50", "43.00", "44.12", "45.88"]
+  # The row trains the stage-1 config file as it is: the method key overrides nothing.
+  assert reproduce.compare.method_spec(key).overrides == ()
+
+
+def test_large_preset_routes_data_dir_to_the_image_root(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake_grid(base, workdir, **kwargs):
+    seen.update(base=base, keys=kwargs["method_keys"], section=kwargs["stage2_section"])
+    return {"rows": []}
+
+  monkeypatch.setattr(reproduce.compare, "run_grid", fake_grid)
+  reproduce.run_reproduce("places_lt", str(tmp_path), data_dir="/data/places365",
+                          overrides={"pretrained_path": "r152.npz"}, log=lambda line: None)
+  base = seen["base"]
+  assert (base.data.image_root, base.data.data_dir, base.pretrained_path) == (
+      "/data/places365", "", "r152.npz")
+  assert seen["keys"] == ["public_config", "public_config+las"]
+  assert seen["section"].shift_bn_only == "(^|/)extra_block/"
+  table = open(os.path.join(tmp_path, reproduce.TABLE_FILE), encoding="utf-8").read()
+  assert "| 996 | Difficulty-Net as the public code runs it (config file unchanged) | 41.70 |" in (
+      table)

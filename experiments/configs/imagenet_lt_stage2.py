@@ -1,8 +1,8 @@
 r"""Stage 2 on ImageNet-LT as the public code runs it (RECIPES.md "ImageNet-LT, stage 2").
 
   python -m experiments.train --config=experiments/configs/imagenet_lt_stage2.py \
-    --workdir=runs/imagenet_lt_r50_stage2 --config.data.image_root=IMAGENET \
-    --config.stage1_workdir=runs/imagenet_lt_r50
+    --workdir=runs/imagenet_lt_public_r50_stage2 --config.data.image_root=IMAGENET \
+    --config.stage1_workdir=runs/imagenet_lt_public_r50
 
 The stage-1 fields (model, data) must be those of the stage-1 run (the runner
 checks them against its results.json; pass that run's overrides too).
@@ -25,16 +25,16 @@ own text was not checked:
                       labelled so in results.json; --config.stage2.
                       init_checkpoint=best_val is the honest choice.
 
-TODO(merge): the public stage-1 config is `imagenet_lt_public.py` (built on the
-large-stage1 branch); once it is merged, start from it instead of
-`imagenet_lt.py` below so that the model and data fields match its runs.
+The stage-1 fields come from `imagenet_lt_public.py` (cosine head, public
+transform, 10-per-class meta set), so they match its runs; for ResNet-10 pass
+--config.model=resnet10 as in stage 1.
 
 Time: 10 epochs x 907 steps of batch 128 = 1.16M images, one forward and
 backward of the backbone each (no meta step): about 1/18 of stage 1's images.
 """
 
 from experiments.configs import _stage2
-from experiments.configs import imagenet_lt
+from experiments.configs import imagenet_lt_public
 
 
 def public_stage2_section():
@@ -52,4 +52,4 @@ def public_stage2_section():
 
 
 def get_config():
-  return _stage2.add_stage2_fields(imagenet_lt.get_config(), public_stage2_section())
+  return _stage2.add_stage2_fields(imagenet_lt_public.get_config(), public_stage2_section())

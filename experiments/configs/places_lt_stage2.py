@@ -1,8 +1,8 @@
 r"""Stage 2 on Places-LT as the public code runs it (RECIPES.md "Places-LT", stage 2).
 
   python -m experiments.train --config=experiments/configs/places_lt_stage2.py \
-    --workdir=runs/places_lt_r152_stage2 --config.data.image_root=PLACES365 \
-    --config.stage1_workdir=runs/places_lt_r152
+    --workdir=runs/places_lt_public_r152_stage2 --config.data.image_root=PLACES365 \
+    --config.stage1_workdir=runs/places_lt_public_r152
 
 The stage-1 fields (model, data) must be those of the stage-1 run.
 
@@ -22,17 +22,19 @@ text was not checked:
   start               the best-TEST stage-1 checkpoint (the public habit,
                       labelled so in results.json); best_val is the honest one.
 
-TODO(merge): the public stage-1 config is `places_lt_public.py` (large-stage1
-branch: dropped last block, new block, cosine head); once it is merged, start
-from it instead of `places_lt.py` below. On today's `places_lt.py` model the
-pattern matches no BatchNorm: stage 2 stops with an error naming the layers.
+The stage-1 fields come from `places_lt_public.py` (layer4's last block
+dropped, the new block `extra_block`, cosine head, public transform), so they
+match its runs and shift_bn_only matches the new block's three BatchNorm layers
+(extra_block/bn1, bn2, bn3; the block keeps its width, so it has no downsample
+BatchNorm). On a model without the new block (places_lt.py) the pattern matches
+no BatchNorm and stage 2 stops with an error naming the layers.
 
 Time: 20 epochs x 246 steps of batch 256 = 1.26M images through ResNet-152
 (forward and backward), about 1/7 of stage 1's images.
 """
 
 from experiments.configs import _stage2
-from experiments.configs import places_lt
+from experiments.configs import places_lt_public
 
 
 def public_stage2_section():
@@ -50,4 +52,4 @@ def public_stage2_section():
 
 
 def get_config():
-  return _stage2.add_stage2_fields(places_lt.get_config(), public_stage2_section())
+  return _stage2.add_stage2_fields(places_lt_public.get_config(), public_stage2_section())
