@@ -34,12 +34,19 @@ import time
 import numpy as np
 from absl import app, flags
 
-_IMAGES = flags.DEFINE_integer("images", 32, "Number of generated JPEG files.")
-_HEIGHT = flags.DEFINE_integer("height", 375, "Generated image height (ImageNet median ~375).")
-_WIDTH = flags.DEFINE_integer("width", 500, "Generated image width (ImageNet median ~500).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Crop side.")
-_THREADS = flags.DEFINE_integer("threads", 1, "Pipeline threads (host cores used).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the files.")
+_FLAGS = {}
+
+
+def define_flags() -> None:
+  """Defines this command's flags (called under __main__ only: `--image_size` is also a flag of
+  experiments.benchmark, so both modules can be imported in one process, e.g. by the tests)."""
+  _FLAGS.update(
+      images=flags.DEFINE_integer("images", 32, "Number of generated JPEG files."),
+      height=flags.DEFINE_integer("height", 375, "Generated image height (ImageNet median ~375)."),
+      width=flags.DEFINE_integer("width", 500, "Generated image width (ImageNet median ~500)."),
+      image_size=flags.DEFINE_integer("image_size", 224, "Crop side."),
+      threads=flags.DEFINE_integer("threads", 1, "Pipeline threads (host cores used)."),
+      repeats=flags.DEFINE_integer("repeats", 3, "Timed passes over the files."))
 
 
 def write_jpegs(directory: str, count: int, height: int, width: int, seed: int = 0) -> list[str]:
@@ -123,16 +130,18 @@ def measure_throughput(paths: list[str], load, *, threads: int, repeats: int):
 
 def main(argv):
   del argv
-  threads = _THREADS.value
+  f = {name: flag.value for name, flag in _FLAGS.items()}
+  threads, size = f["threads"], f["image_size"]
   with tempfile.TemporaryDirectory() as directory:
-    paths = write_jpegs(directory, _IMAGES.value, _HEIGHT.value, _WIDTH.value)
-    print(f"{len(paths)} JPEGs {_WIDTH.value}x{_HEIGHT.value} -> {_IMAGE_SIZE.value}^2, "
+    paths = write_jpegs(directory, f["images"], f["height"], f["width"])
+    print(f"{len(paths)} JPEGs {f['width']}x{f['height']} -> {size}^2, "
           f"{threads} thread(s); images/s per core: by wall time / threads, by CPU time")
     for chain in CHAINS:
       per_thread, per_cpu = measure_throughput(
-          paths, _load_fn(chain, _IMAGE_SIZE.value), threads=threads, repeats=_REPEATS.value)
+          paths, _load_fn(chain, size), threads=threads, repeats=f["repeats"])
       print(f"{chain:28s} {per_thread:8.1f} (wall)  {per_cpu:8.1f} (CPU)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
