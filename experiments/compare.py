@@ -106,12 +106,17 @@ STAGE1_METHODS = {spec.key: spec for spec in (
     MethodSpec("dnet_bs", "Difficulty-Net + Balanced Softmax",
                (("method", "difficulty_net_bs"), ("meta_grad", "nested"))),
 )}
+# The stage-1 config file as it is (no method overrides): the method its recipe sets, e.g. the
+# ImageNet-LT / Places-LT public recipes of experiments.reproduce. Not in the default grid.
+CONFIG_AS_IS = "public_config"
+STAGE1_METHODS[CONFIG_AS_IS] = MethodSpec(
+    CONFIG_AS_IS, "Difficulty-Net as the public code runs it (config file unchanged)")
 STAGE2_LABELS = {"las": "LAS", "crt": "cRT", "lws": "LWS"}
 # Stage 2 (LAS) on CE and Difficulty-Net, as asked, and on the two strongest stage-1 methods by
 # *validation* accuracy in a pilot (2 seeds, rho = 50: Balanced Softmax and Difficulty-Net +
 # Balanced Softmax, both 86.5 % final validation accuracy; the next is CDB dynamic, 84.5 %).
-DEFAULT_METHODS = tuple(STAGE1_METHODS) + ("ce+las", "dnet+las", "balanced_softmax+las",
-                                           "dnet_bs+las")
+DEFAULT_METHODS = tuple(k for k in STAGE1_METHODS if k != CONFIG_AS_IS) + (
+    "ce+las", "dnet+las", "balanced_softmax+las", "dnet_bs+las")
 # Methods whose class weights are plotted (in this order, those in the grid).
 WEIGHT_PLOT_METHODS = ("dnet", "dnet_driver_only", "dnet_bs", "cdb_tau1", "cdb_dynamic")
 
