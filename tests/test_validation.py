@@ -94,7 +94,7 @@ def npz_config(tmp_path, arrays, **overrides):
     ("batch_size", 0, r"^batch_size must be >= 1, got 0"),
     # Nonsense values (issue 14, case 8), refused before compiling.
     ("learning_rate", -0.1, r"^learning_rate=-0.1 is out of range: it is the SGD learning rate "
-                            r"\(negative would ascend the loss\), so it must be finite and > 0\. "
+                            r"\(negative would ascend the loss\), so it must be finite and >= 0\. "
                             r"Set e\.g\. --config\.learning_rate=<value> in that range"),
     ("learning_rate", float("nan"), r"^learning_rate=nan is out of range"),
     ("momentum", float("nan"), r"^momentum=nan is out of range: it is the SGD momentum, in "
