@@ -11,16 +11,19 @@ learning rate alpha of the current step, and
 
 The lookahead uses plain SGD and BatchNorm in training mode (batch statistics;
 its running statistics are thrown away); the meta forward pass also runs in
-training mode, as the public code's model does.
+training mode, as the public code's model does. alpha may be one rate or one per
+parameter (parameter groups: theta_hat_k = theta_k - alpha_k g_k, as the public
+Places-LT code's lookahead optimizer has the groups of the real one,
+ImageNet_Places-LT/train_stage1.py:272-276).
 
 Three ways to get dL_meta/dphi:
   * `nested`: `jax.grad` of L_meta, whose body calls `jax.grad` for the lookahead
     (reverse-over-reverse). The paper's method; the default.
   * `jvp`: the forward-mode identity
-        dL_meta/ds_i = -(alpha / B) <grad_theta l_i(theta), v>,
+        dL_meta/ds_i = -(1 / B) <grad_theta l_i(theta), alpha v>,
         v = grad_theta_hat CE_meta(theta_hat),
     where all B dot products come from ONE `jax.jvp` of the per-example loss
-    vector at theta in direction v; then chain through s -> w -> d -> phi with a
+    vector at theta in direction alpha v; then chain through s -> w -> d -> phi with a
     VJP of the tiny Difficulty-Net. Exactly the same number, computed differently:
     the tests use it as an independent oracle for `nested`.
   * `driver_only`: the public PyTorch code's behaviour. Its weights are detached
@@ -74,9 +77,28 @@ def split_step_rng(rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array |
   return train_rng, meta_rng
 
 
+def per_parameter(learning_rate, params):
+  """alpha as a pytree shaped like `params`: a scalar alpha is repeated for every
+  parameter; a pytree of rates (one per parameter, e.g. parameter groups) is returned as is."""
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(learning_rate)):
+    return jax.tree.map(lambda _: learning_rate, params)
+  return learning_rate
+
+
+def scale_by_learning_rate(learning_rate, tree):
+  """alpha * tree, leaf by leaf (alpha a scalar or a pytree like `tree`: `per_parameter`)."""
+  return jax.tree.map(lambda a, x: (a * x).astype(x.dtype), per_parameter(learning_rate, tree),
+                      tree)
+
+
 def lookahead_params(params, grads, learning_rate):
-  """theta_hat = theta - alpha * g: one plain SGD step (no momentum, no weight decay)."""
-  return jax.tree.map(lambda p, g: (p - learning_rate * g).astype(p.dtype), params, grads)
+  """theta_hat = theta - alpha * g: one plain SGD step (no momentum, no weight decay).
+
+  alpha is a scalar or a pytree of per-parameter rates shaped like `params` (each
+  parameter group steps at its own rate, as torch.optim.SGD parameter groups do).
+  """
+  return jax.tree.map(lambda p, step: (p - step).astype(p.dtype), params,
+                      scale_by_learning_rate(learning_rate, grads))
 
 
 def difficulty_of(dnet, dnet_params, class_accuracy):
@@ -188,7 +210,8 @@ class MetaInputs:
     class_accuracy: a [C].
     batch: train batch {"image", "label"[, ...]} (any pytree with `labels` given).
     meta_batch: meta batch {"image", "label"[, "mask"]}.
-    learning_rate: alpha of the lookahead.
+    learning_rate: alpha of the lookahead: a scalar, or a pytree of per-parameter
+      rates shaped like `params` (`lookahead_params`).
     rng: the step's key, or None for a model that draws no random numbers.
     labels: y [B] when `batch` is not a dict with "label".
   """
@@ -297,10 +320,11 @@ def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
                       forward: TrainForward | None = None):
   """dL_meta/dphi by the forward-mode identity (see the module docstring).
 
-    dL/ds_i = -(alpha / B) (J v)_i,   J = d l / d theta [B x P],   v = grad CE_meta(theta_hat),
+    dL/ds_i = -(1 / B) (J A v)_i,   J = d l / d theta [B x P],   v = grad CE_meta(theta_hat),
     dL/dw_c = sum_{i: y_i = c} dL/ds_i,   dL/dphi = VJP_{phi -> w}(dL/dw) + lambda dL_dr/dphi.
 
-  J v is ONE `jax.jvp` of the per-example loss vector at theta in direction v.
+  with A = alpha I, or the diagonal of per-parameter rates (`lookahead_params`).
+  J A v is ONE `jax.jvp` of the per-example loss vector at theta in direction A v.
   Without `forward` the function computes everything afresh (the tests' oracle);
   with it, J v is the transpose of the shared forward's VJP (no new forward pass).
   """
@@ -323,12 +347,12 @@ def jvp_meta_gradient(problem: MetaProblem, dnet_params, inputs: MetaInputs,
   theta_hat = lookahead_params(inputs.params, grads, inputs.learning_rate)
   meta_ce, v = jax.value_and_grad(problem.meta_cross_entropy)(
       theta_hat, inputs.batch_stats, inputs.meta_batch, meta_rng)
-  v = pmean_if(v, problem.axis_name)
+  direction = scale_by_learning_rate(inputs.learning_rate, pmean_if(v, problem.axis_name))
   if shared:
-    (jv,) = jax.linear_transpose(forward.vjp, forward.per_example)((v,))
+    (jv,) = jax.linear_transpose(forward.vjp, forward.per_example)((direction,))
   else:
-    _, jv = jax.jvp(per_example, (inputs.params,), (v,))
-  d_sample_weights = -(inputs.learning_rate / batch_size) * jv
+    _, jv = jax.jvp(per_example, (inputs.params,), (direction,))
+  d_sample_weights = -jv / batch_size
   d_weights = jax.ops.segment_sum(d_sample_weights, labels, num_segments=num_classes)
   (d_difficulty,) = weights_vjp(d_weights.astype(weights.dtype))
   drv, d_driver = jax.value_and_grad(dmath.driver_loss)(difficulty, inputs.class_accuracy)

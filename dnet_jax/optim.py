@@ -119,6 +119,22 @@ def parameter_group_labels(params, patterns: Mapping[str, Sequence[str]],
   return jax.tree.unflatten(treedef, labels)
 
 
+def parameter_group_multipliers(params, groups: Mapping[str, tuple[Sequence[str], float]],
+                                default: float = 1.0):
+  """Each parameter's learning-rate multiplier: a pytree of floats shaped like `params`.
+
+  `groups` = {name: (patterns, multiplier)} (patterns as in `parameter_group_labels`);
+  unmatched parameters get `default`. With the optimizer of
+  {name: (patterns, multiplier x schedule)} and `default_learning_rate=schedule`, this
+  is the `lookahead_scale` of `steps.train_step` that gives its lookahead the same
+  per-group rates.
+  """
+  labels = parameter_group_labels(params, {name: patterns for name, (patterns, _) in
+                                           groups.items()})
+  factors = {name: float(multiplier) for name, (_, multiplier) in groups.items()}
+  return jax.tree.map(lambda label: factors.get(label, float(default)), labels)
+
+
 def parameter_group_optimizer(groups: Mapping[str, tuple[Sequence[str], Any]],
                               default_learning_rate=None, momentum: float = 0.9,
                               weight_decay: float = 2e-4,

@@ -33,6 +33,18 @@ def _learning_rate(learning_rate: LearningRate, step: jax.Array) -> jax.Array:
   return learning_rate(step) if callable(learning_rate) else jnp.asarray(learning_rate)
 
 
+def _lookahead_rates(alpha: jax.Array, scale: Any, params: Any):
+  """alpha, or alpha x scale_k per parameter (`train_step`'s lookahead_scale)."""
+  if scale is None:
+    return alpha
+  if jax.tree.structure(scale) != jax.tree.structure(params):
+    raise ValueError(
+        "lookahead_scale must be a pytree of floats shaped like the classifier's params "
+        f"(e.g. optim.parameter_group_multipliers(params, groups)); got structure "
+        f"{jax.tree.structure(scale)} for params {jax.tree.structure(params)}.")
+  return jax.tree.map(lambda m: jnp.asarray(m, alpha.dtype) * alpha, scale)
+
+
 def as_batch(batch: Any, what: str = "batch") -> dict:
   """A batch as a dict {"image", "label"[, "mask"]}; an (images, labels) pair is accepted."""
   if isinstance(batch, (tuple, list)) and len(batch) == 2:
@@ -110,7 +122,8 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
                dnet_tx: optax.GradientTransformation, learning_rate: LearningRate,
                loss_fn: losses.LossFn = losses.cross_entropy, driver_weight: float = 0.3,
                meta_grad: str = "nested", update_dnet: bool = True, remat: bool = False,
-               batch_mean: bool = False, axis_name: str | None = None):
+               batch_mean: bool = False, lookahead_scale: Any = None,
+               axis_name: str | None = None):
   """One Difficulty-Net iteration (METHOD.md steps 1-4; Sinha & Ohashi, WACV 2023, Alg. 1).
 
     1. d = g_phi(a), w = C d / sum d, L_train(theta, phi) = (1/B) sum_i w_{y_i} l_i(theta).
@@ -151,10 +164,14 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
     batch_mean: step 4 uses `batch_mean_weights` (the public code's Balanced
       Softmax weighting) instead of per-example weights; the meta-gradient is
       unchanged, so use it with meta_grad="driver_only", as the public code runs.
+    lookahead_scale: None, or a pytree of floats shaped like the classifier's
+      params: the lookahead steps parameter k at lookahead_scale_k x alpha, the rates
+      of parameter groups in `tx` (`optim.parameter_group_multipliers`).
     axis_name: the pmap axis; gradients are averaged and counts summed over it.
 
   Returns:
-    (new_state, metrics): metrics is a dict of scalars (device arrays).
+    (new_state, metrics): metrics is a dict of scalars (device arrays);
+    metrics["learning_rate"] is alpha (the unscaled rate).
   """
   meta.check_meta_grad_mode(meta_grad)
   batch, meta_batch = as_batch(batch), as_batch(meta_batch, "meta batch")
@@ -165,7 +182,8 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
                         axis_name=axis_name, remat=remat, num_classes=num_classes_of(state))
   inputs = MetaInputs(params=state.params, batch_stats=state.batch_stats,
                       class_accuracy=state.class_accuracy, batch=batch, meta_batch=meta_batch,
-                      learning_rate=alpha, rng=key)
+                      learning_rate=_lookahead_rates(alpha, lookahead_scale, state.params),
+                      rng=key)
   forward = meta.train_forward(problem, state.params, state.batch_stats, batch, train_rng)
 
   def meta_update(_):

@@ -205,9 +205,6 @@ def build(config, dataset) -> Experiment:
       dtype=jnp.dtype(config.dtype), **model_options(config))
   spe = dataset.steps_per_epoch
   schedule = learning_rate_schedule(config, spe)
-  # The lookahead (methods.make_step_fn) steps at `schedule`; with parameter groups the
-  # public code's lookahead uses the groups' rates, which matters only to the nested and
-  # jvp meta-gradients (its own runs are driver_only, which has no lookahead).
   tx = classifier_optimizer(config, schedule)
   dnet_tx = (optim.dnet_optimizer(float(config.dnet.lr), float(config.dnet.weight_decay))
              if method.uses_dnet else None)
@@ -226,10 +223,16 @@ def build(config, dataset) -> Experiment:
     return pretrained_init.load_into_state(state, path, tx, new_names=new_names,
                                            dropped_names=dropped_names)
 
+  groups = param_groups(config)
+  # With parameter groups the lookahead steps each group at its own rate, as the public
+  # code's lookahead optimizer does (ImageNet_Places-LT/train_stage1.py:272-276).
+  lookahead_scale = (optim.parameter_group_multipliers(abstract_state.params, groups)
+                     if groups else None)
+
   def pmapped(update_dnet: bool):
     step_fn = methods.make_step_fn(method, config, model=model, tx=tx, dnet_tx=dnet_tx,
                                    learning_rate=schedule, axis_name=AXIS,
-                                   update_dnet=update_dnet)
+                                   update_dnet=update_dnet, lookahead_scale=lookahead_scale)
     return parallel.pmap_step(_per_device_step(step_fn, dataset.preprocessors, _AUGMENT_STREAM))
 
   interval = int(config.meta_interval) if method.uses_dnet else 1

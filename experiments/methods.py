@@ -137,12 +137,13 @@ def build_method(config, class_counts: np.ndarray, num_classes: int) -> Method:
 
 
 def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, axis_name,
-                 update_dnet: bool = True):
+                 update_dnet: bool = True, lookahead_scale=None):
   """The pure step `(state, batch, meta_batch) -> (state, metrics)` of this method.
 
   Baselines ignore `meta_batch` (the trainer passes None and draws none).
   `update_dnet=False` gives the Difficulty-Net step without its meta update, which
   the trainer runs between meta updates when `config.meta_interval` > 1.
+  `lookahead_scale`: per-parameter multipliers of the lookahead's rate (parameter groups).
   """
   if method.uses_dnet:
     step = functools.partial(
@@ -151,7 +152,7 @@ def make_step_fn(method: Method, config, *, model, tx, dnet_tx, learning_rate, a
         driver_weight=float(config.driver_weight), meta_grad=config.meta_grad,
         remat=bool(config.remat), update_dnet=update_dnet,
         batch_mean=config.get("loss_weighting", "per_example") == "batch_mean",
-        axis_name=axis_name)
+        lookahead_scale=lookahead_scale, axis_name=axis_name)
     return step
   baseline = functools.partial(
       steps.baseline_step, model=model, tx=tx, class_weights_fn=method.class_weights_fn,

@@ -86,3 +86,55 @@ def test_bad_groups_are_clear_errors():
   tx = parameter_group_optimizer({"head": (["^fc/"], 0.1)}, default_learning_rate=0.01)
   with pytest.raises(ValueError, match="match no parameter"):
     tx.init(_params())
+
+
+def test_multipliers_give_the_lookahead_each_group_its_rate():
+  from dnet_jax import meta  # pylint: disable=import-outside-toplevel
+  from dnet_jax.optim import parameter_group_multipliers  # pylint: disable=import-outside-toplevel
+  groups = {"new": (["^extra_block/", "^classifier/kernel"], 10.0)}
+  scale = parameter_group_multipliers(_params(), groups)
+  assert scale == {"stage1_block1": {"conv1": {"kernel": 1.0}},
+                   "extra_block": {"conv1": {"kernel": 10.0}},
+                   "classifier": {"kernel": 10.0, "bias": 1.0}}
+  alpha = 0.125
+  rates = jax.tree.map(lambda m: m * alpha, scale)
+  grads = jax.grad(_loss)(_params())
+  ahead = meta.lookahead_params(_params(), grads, rates)
+  expected = {"stage1_block1": 0.125 * 1.0, "extra_block": 1.25 * 2.0}
+  np.testing.assert_array_equal(ahead["stage1_block1"]["conv1"]["kernel"],
+                                _params()["stage1_block1"]["conv1"]["kernel"] - expected["stage1_block1"])
+  np.testing.assert_array_equal(ahead["extra_block"]["conv1"]["kernel"],
+                                _params()["extra_block"]["conv1"]["kernel"] - expected["extra_block"])
+  np.testing.assert_array_equal(ahead["classifier"]["kernel"],
+                                _params()["classifier"]["kernel"] - 1.25 * 4.0)
+  np.testing.assert_array_equal(ahead["classifier"]["bias"],
+                                _params()["classifier"]["bias"] - 0.125 * 4.0)
+  # A scalar alpha is the same rate for every parameter.
+  plain = meta.lookahead_params(_params(), grads, alpha)
+  np.testing.assert_array_equal(plain["classifier"]["kernel"],
+                                _params()["classifier"]["kernel"] - 0.125 * 4.0)
+
+
+def test_train_step_lookahead_scale():
+  """Ones = no scale (same new state); another scale moves Difficulty-Net differently;
+  a scale not shaped like the params is a clear error."""
+  import dnet_jax as dj  # pylint: disable=import-outside-toplevel
+  from tiny_models import TinyConvNet, make_state, random_batch  # pylint: disable=import-outside-toplevel
+  model = TinyConvNet(3, use_batchnorm=True)
+  state, dnet, tx, dnet_tx = make_state(model, 3)
+  batch, meta_batch = random_batch(1, 8, 3), random_batch(2, 6, 3, balanced=True)
+
+  def step(scale):
+    return dj.train_step(state, batch, meta_batch, model=model, dnet=dnet, tx=tx,
+                         dnet_tx=dnet_tx, learning_rate=0.5, lookahead_scale=scale)[0]
+
+  plain = step(None)
+  ones = step(jax.tree.map(lambda _: 1.0, state.params))
+  for a, b in zip(jax.tree.leaves(plain.dnet_params), jax.tree.leaves(ones.dnet_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  leaves, treedef = jax.tree.flatten(state.params)
+  scaled = step(jax.tree.unflatten(treedef, [4.0 * (i % 2) for i in range(len(leaves))]))
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(plain.dnet_params), jax.tree.leaves(scaled.dnet_params))) > 1e-7
+  with pytest.raises(ValueError, match="lookahead_scale must be a pytree"):
+    step({"not": 1.0})
