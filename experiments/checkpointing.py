@@ -237,6 +237,24 @@ def check_writable(directory: str, min_free_bytes: int = MIN_FREE_BYTES,
 # ---------------------------------------------------------------------------- the checkpointer
 
 
+def barrier_prefix(directory: str) -> str:
+  """The prefix of the cross-process barrier names of the manager saving into `directory`.
+
+  orbax 0.12.8 names the barriers of a save's start and of its background
+  finalisation by fixed strings ("ThreadSaveMultiHostValueHolder:set_value_start"
+  and "...:set_value_end", futures/synchronization.py `MultihostSynchronizedValue.set`),
+  so two managers saving at the same step in a multi-process run (a run's checkpoints
+  and its best-state keepers, `best_checkpoints/best_val` and `.../best_test`) enter
+  barriers of the same name from different threads: the coordination service then
+  pairs one process's finalisation with the other's next save ("Barrier ... is already
+  ongoing" in one process, a wait without end in the other). The last two components
+  of the directory name the manager the same way in every process of the run and
+  differently for each manager of it.
+  """
+  parts = os.path.normpath(os.path.abspath(directory)).split(os.sep)
+  return "dnet_jax:" + "/".join(p for p in parts[-2:] if p)
+
+
 class Checkpointer:
   """A wrapper around `ocp.CheckpointManager` for (state, loop) pairs, with verification.
 
@@ -252,7 +270,9 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
         # A save interrupted by a kill leaves a *.orbax-checkpoint-tmp directory behind;
         # it is never a valid checkpoint, and removing it lets that step be saved again.
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=barrier_prefix(self.directory)))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self._warned: set[int] = set()
     self._digest_threads: list[threading.Thread] = []
