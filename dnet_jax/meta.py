@@ -27,7 +27,8 @@ Three ways to get dL_meta/dphi:
     VJP of the tiny Difficulty-Net. Exactly the same number, computed differently:
     the tests use it as an independent oracle for `nested`.
   * `driver_only`: the public PyTorch code's behaviour. Its weights are detached
-    before the lookahead, so the meta cross-entropy never reaches phi and the
+    before the lookahead (CIFAR-LT/cifar_train_exaugment.py:163,
+    ImageNet_Places-LT/train_stage1.py:339), so the meta cross-entropy never reaches phi and the
     gradient is lambda * grad L_dr alone. No lookahead is computed.
 
 With `axis_name` (under `jax.pmap`), the lookahead gradient is averaged over

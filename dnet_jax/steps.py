@@ -152,7 +152,8 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
     loss_fn: per-example training loss (cross-entropy, Balanced Softmax, focal).
     driver_weight: lambda.
     meta_grad: "nested" (default), "jvp" (same value, forward mode) or
-      "driver_only" (the public code: Difficulty-Net trained by L_dr alone).
+      "driver_only" (the public code: Difficulty-Net trained by L_dr alone;
+      `dnet_jax.meta` cites the lines).
     update_dnet: False skips steps 2-3 (no lookahead, Difficulty-Net unchanged)
       and trains theta with the current weights. `MetaIntervalStep` uses it to
       update Difficulty-Net only every k-th step; True (the default) is the exact
@@ -161,9 +162,11 @@ def train_step(state: TrainState, batch: dict, meta_batch: dict, *, model: Any,
       are compiled separately and chosen on the host. metrics["meta_updated"]
       says which ran.
     remat: `jax.checkpoint` every classifier pass (memory for compute).
-    batch_mean: step 4 uses `batch_mean_weights` (the public code's Balanced
-      Softmax weighting) instead of per-example weights; the meta-gradient is
-      unchanged, so use it with meta_grad="driver_only", as the public code runs.
+    batch_mean: step 4 uses `batch_mean_weights` instead of per-example weights:
+      the public code's Balanced Softmax returns shape (B, 1, 1), so its
+      `mean(loss * weights)` is mean(loss) x mean(weights) (CIFAR-LT/
+      cifar_train_exaugment.py:62-71 and 242). The meta-gradient is unchanged,
+      so use it with meta_grad="driver_only", as the public code runs.
     lookahead_scale: None, or a pytree of floats shaped like the classifier's
       params: the lookahead steps parameter k at lookahead_scale_k x alpha, the rates
       of parameter groups in `tx` (`optim.parameter_group_multipliers`).

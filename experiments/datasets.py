@@ -65,7 +65,8 @@ class Sampler:
   Attributes:
     name: "instance" (a permutation of the training set), "class_balanced" (a
       class uniformly, then one of its images; cRT's sampler) or "class_aware"
-      (the public code's ClassAwareSampler, `dnet_jax.data.class_aware`:
+      (the public code's ClassAwareSampler, CIFAR-LT/data/ClassAwareSampler.py:31-71
+      and ImageNet_Places-LT/datasets/sampler.py:110-149; `dnet_jax.data.class_aware`:
       `samples_per_class` consecutive images of a class, classes in reshuffled
       cycles, continued across epochs).
     samples_per_class: class_aware only (the public code: 4).

@@ -48,8 +48,10 @@ class CosineClassifier(nn.Module):
 
   Attributes:
     num_classes: number of output classes.
-    scale: s, the fixed multiplier of the cosine (30 in the public code).
-    use_bias: add a learned per-class bias b (initialised to 0); off in the public code.
+    scale: s, the fixed multiplier of the cosine (30 in the public code:
+      ImageNet_Places-LT/models/resnet.py:318, `NormedLinear`).
+    use_bias: add a learned per-class bias b (initialised to 0); off in the public code
+      (its `NormedLinear.forward`, resnet.py:320-325, adds none).
   """
   num_classes: int
   scale: float = 30.0
