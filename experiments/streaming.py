@@ -357,6 +357,7 @@ def _read_lists(config) -> tuple[str, dict[str, split_lists.SplitList]]:
     splits = {k: dataclasses.replace(s, num_classes=num_classes) for k, s in splits.items()}
   per_class = int(_get(data, "meta_per_class", 0))
   if per_class > 0:  # the public code's 10 random validation images per class
+    # (ImageNet_Places-LT/datasets/imagenet.py:177)
     splits["meta"] = split_lists.per_class_subset(splits["meta"], per_class,
                                                   int(_get(data, "seed", 0)))
   return image_root, splits

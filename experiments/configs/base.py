@@ -7,7 +7,8 @@ what differs. Any field can be overridden on the command line, e.g.
   python -m experiments.train --config=experiments/configs/cifar100_lt.py \
     --workdir=runs/c100 --config.method=ce --config.data.imbalance_factor=50
 
-Field reference (see METHOD.md for the maths):
+Field reference (see METHOD.md for the maths; C1 = the public code's
+CIFAR-LT/cifar_train_exaugment.py, T1 = its ImageNet_Places-LT/train_stage1.py):
 
   method            difficulty_net | difficulty_net_bs | ce | class_balanced |
                     cdb | focal | balanced_softmax  (experiments/methods.py)
@@ -55,10 +56,11 @@ Field reference (see METHOD.md for the maths):
   loss_weighting    per_example (mean_i w_{y_i} l_i, the method) | batch_mean
                     (mean_i l_i x mean_i w_{y_i}: the public code's Balanced
                     Softmax, whose (B, 1) loss broadcasts against the (B,)
-                    weights; driver_only meta-gradient only)
+                    weights, C1:62-71 and 242; driver_only meta-gradient only)
   refresh_at        epoch_end (a from the validation set after every epoch; the
                     first epoch uses a = 0) | epoch_start (also before the first
-                    step, from the initial network: the public ImageNet/Places code)
+                    step, from the initial network: the public ImageNet/Places
+                    code, T1:290-304)
   lr_schedule       step (warm-up, then x lr_decay_factor at lr_decay_epochs)
                     | cosine (warm-up, cosine to 0) | constant | public_cifar
                     (the public CIFAR stage 1, C1:46-51: learning_rate x (1 +
