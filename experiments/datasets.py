@@ -21,7 +21,7 @@ Both implementations (this module and `experiments/streaming.py`) give:
 Every batch is a pure function of (seed, epoch) or (seed, step), never of an
 iterator carried along, so a run resumed at any step reads exactly what the
 uninterrupted run read:
-  * train batch b of epoch e: rows [b*B, (b+1)*B) of `epoch_order(sampler, ...)`
+  * train batch b of epoch e: rows [b*B, (b+1)*B) of `sampling.epoch_order(sampler, ...)`
     (the last incomplete batch is dropped; `steps_for(sampler)` batches per epoch);
   * meta batch of step s: `batching.meta_batch_indices(seed, s, n_meta, B_meta)`.
 `load(config, batch_size=...)` checks the config against the data and raises
@@ -32,107 +32,30 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import functools
 import pickle
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator
 
 import numpy as np
 
 from dnet_jax import distributed
 from dnet_jax.data import augment
 from dnet_jax.data import batching
-from dnet_jax.data import class_aware
 from dnet_jax.data import long_tail
 from dnet_jax.data import public_cifar
 from dnet_jax.data import sources
+from experiments import reporting
+from experiments import streaming
 from experiments import validation
 from experiments.errors import InvalidInputError
+from experiments.sampling import (EVAL_SPLITS, SamplerLike, epoch_order, sampler_steps_per_epoch,
+                                  steps_per_epoch)
 
-SAMPLERS = ("instance", "class_balanced", "class_aware")
-EVAL_SPLITS = ("meta", "test")
 # Published per-channel statistics (in [0, 1] units) by data set name.
 _KNOWN_STATS = {
     "cifar10": (augment.CIFAR10_MEAN, augment.CIFAR10_STD),
     "cifar100": (augment.CIFAR100_MEAN, augment.CIFAR100_STD),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-  """How a training epoch is drawn.
-
-  Attributes:
-    name: "instance" (a permutation of the training set), "class_balanced" (a
-      class uniformly, then one of its images; cRT's sampler) or "class_aware"
-      (the public code's ClassAwareSampler, CIFAR-LT/data/ClassAwareSampler.py:31-71
-      and ImageNet_Places-LT/datasets/sampler.py:110-149; `dnet_jax.data.class_aware`:
-      `samples_per_class` consecutive images of a class, classes in reshuffled
-      cycles, continued across epochs).
-    samples_per_class: class_aware only (the public code: 4).
-    iterations_per_epoch: global steps per epoch; 0 = the sampler's own length:
-      floor(N / B) for instance and class_balanced, floor(max_c n_c x C / B) for
-      class_aware (the public DataLoader keeps the last partial batch; here
-      batches have a static shape, so it is dropped). A class-aware epoch is
-      the next (steps x B) samples of the class-aware stream. The public
-      ImageNet-LT / Places-LT stage 2 fixes it (907 / 246).
-  """
-  name: str = "instance"
-  samples_per_class: int = 4
-  iterations_per_epoch: int = 0
-
-  def __post_init__(self):
-    if self.name not in SAMPLERS:
-      raise InvalidInputError(f"Unknown sampler {self.name!r}; choose one of: "
-                              f"{', '.join(SAMPLERS)}.")
-    if int(self.samples_per_class) < 1 or int(self.iterations_per_epoch) < 0:
-      raise InvalidInputError(
-          f"The {self.name} sampler needs samples_per_class >= 1 and iterations_per_epoch >= 0 "
-          f"(0 = the sampler's own epoch length); got {self.samples_per_class} and "
-          f"{self.iterations_per_epoch}.")
-
-
-SamplerLike = Union[str, Sampler]
-
-
-def as_sampler(sampler: SamplerLike) -> Sampler:
-  """A `Sampler` from a name or a `Sampler`."""
-  return sampler if isinstance(sampler, Sampler) else Sampler(str(sampler))
-
-
-def sampler_steps_per_epoch(sampler: SamplerLike, labels: np.ndarray, batch_size: int,
-                            num_classes: int | None = None) -> int:
-  """Global steps per epoch of `sampler` over training `labels` (see `Sampler`)."""
-  sampler = as_sampler(sampler)
-  if sampler.iterations_per_epoch:
-    return int(sampler.iterations_per_epoch)
-  if sampler.name == "class_aware":
-    length = class_aware.class_aware_epoch_length(np.asarray(labels), num_classes)
-    return steps_per_epoch(length, batch_size)
-  return steps_per_epoch(len(labels), batch_size)
-
-
-def epoch_order(sampler: SamplerLike, labels: np.ndarray, seed: int, epoch: int,
-                size: int) -> np.ndarray:
-  """The first `size` training indices of `epoch`: a permutation ("instance"), a
-  class-balanced draw (a class uniformly, then one of its images; cRT's sampler), or
-  the class-aware stream (`size` samples per epoch, `class_aware.class_aware_epoch`)."""
-  sampler = as_sampler(sampler)
-  if sampler.name == "instance":
-    return batching.epoch_permutation(seed, epoch, len(labels))[:size]
-  if sampler.name == "class_balanced":
-    return batching.class_balanced_indices(labels, size, seed, epoch)
-  return class_aware.class_aware_epoch(np.asarray(labels), seed, epoch,
-                                       int(sampler.samples_per_class), epoch_length=size)
-
-
-def steps_per_epoch(num_train: int, batch_size: int) -> int:
-  """Full batches per epoch (the last incomplete one is dropped)."""
-  if batch_size > num_train:
-    raise InvalidInputError(
-        f"batch_size {batch_size} is larger than the {num_train} training images, so an "
-        "epoch would have no full batch; lower batch_size.")
-  return num_train // batch_size
 
 
 def normalization_stats(data: long_tail.LongTailedData, override: str = ""):
@@ -156,17 +79,6 @@ def make_preprocessors(config, data: long_tail.LongTailedData):
   meta = augment.make_preprocess(mean, std, augment=bool(config.augment and config.augment_meta),
                                  cutout_size=int(config.cutout_size) if config.augment_meta else 0)
   return train, meta, augment.make_preprocess(mean, std, augment=False)
-
-
-def data_info(dataset, many_threshold: int, few_threshold: int) -> dict:
-  """The "data" block of results.json (the same for every kind of dataset)."""
-  groups = dataset.shot_groups(many_threshold, few_threshold)
-  return {"name": dataset.name, "num_classes": dataset.num_classes,
-          "class_counts": [int(c) for c in dataset.class_counts],
-          "num_train": dataset.num_train, "num_meta": dataset.num_meta,
-          "num_test": dataset.num_test,
-          "shot_groups": {k: np.flatnonzero(v).tolist() for k, v in groups.items()},
-          "many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
 
 
 HOST_TRANSFORMS = ("", "public_cifar")
@@ -248,7 +160,7 @@ class InMemoryDataset:
     return self.data.summary()
 
   def info(self, many_threshold: int, few_threshold: int) -> dict:
-    return data_info(self, many_threshold, few_threshold)
+    return reporting.data_info(self, many_threshold, few_threshold)
 
   def steps_for(self, sampler: SamplerLike) -> int:
     """Global steps per epoch of `sampler` (`sampler_steps_per_epoch`)."""
@@ -338,7 +250,6 @@ def load(config, *, batch_size: int | None = None, with_meta: bool | None = None
   (default `config.batch_size`); meta batches of `config.meta_batch_size` if `with_meta`
   (default: the config's method uses them)."""
   from experiments import methods  # pylint: disable=g-import-not-at-top
-  from experiments import streaming  # pylint: disable=g-import-not-at-top
 
   batch_size = int(config.batch_size) if batch_size is None else int(batch_size)
   if with_meta is None:

@@ -26,10 +26,10 @@ from dnet_jax.apply import init_classifier
 from dnet_jax.models import build_classifier
 from dnet_jax.state import create_train_state
 from experiments import checkpointing
-from experiments import datasets
 from experiments import errors
 from experiments import methods
 from experiments import pretrained_init
+from experiments import sampling
 
 AXIS = parallel.AXIS_NAME
 # fold_in tags of the augmentation keys (distinct from the steps' own dropout keys).
@@ -45,7 +45,7 @@ class Experiment:
   Attributes:
     name: the method, as logs and the checkpoint identity name it.
     uses_meta: the train step takes a meta batch.
-    sampler: the dataset's training order (a name or a `datasets.Sampler`).
+    sampler: the dataset's training order (a name or a `sampling.Sampler`).
     batch_size: global training batch size.
     steps_per_epoch, total_steps: of this run.
     schedule: the classifier's learning rate as a function of the step.
@@ -274,10 +274,10 @@ def las_smoothing(config) -> tuple[float, float]:
   return s2.las_smoothing_for_imbalance(float(config.data.imbalance_factor), s.las_rule)
 
 
-def stage2_sampler(config) -> datasets.Sampler:
+def stage2_sampler(config) -> sampling.Sampler:
   """The stage-2 training order (`stage2.sampler`, samples_per_class, iterations_per_epoch)."""
   s = config.stage2
-  return datasets.Sampler(str(s.sampler), int(s.get("samples_per_class", 4)),
+  return sampling.Sampler(str(s.sampler), int(s.get("samples_per_class", 4)),
                           int(s.get("iterations_per_epoch", 0)))
 
 

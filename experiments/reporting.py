@@ -133,6 +133,17 @@ def progress_bar(total: int, initial: int, enabled: bool):
 # ---------------------------------------------------------------------------- accuracy maths
 
 
+def data_info(dataset, many_threshold: int, few_threshold: int) -> dict:
+  """The "data" block of results.json (the same for every kind of dataset)."""
+  groups = dataset.shot_groups(many_threshold, few_threshold)
+  return {"name": dataset.name, "num_classes": dataset.num_classes,
+          "class_counts": [int(c) for c in dataset.class_counts],
+          "num_train": dataset.num_train, "num_meta": dataset.num_meta,
+          "num_test": dataset.num_test,
+          "shot_groups": {k: np.flatnonzero(v).tolist() for k, v in groups.items()},
+          "many_threshold": int(many_threshold), "few_threshold": int(few_threshold)}
+
+
 def group_accuracies(per_class_accuracy: np.ndarray, groups: Mapping[str, np.ndarray]):
   """Mean per-class accuracy over each shot group; None for an empty group."""
   out = {}

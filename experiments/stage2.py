@@ -36,6 +36,7 @@ from experiments import errors
 from experiments import experiment as experiment_lib
 from experiments import loop as loop_lib
 from experiments import reporting
+from experiments import sampling
 from experiments import trainer
 
 # Stage-1 config fields that define the network and the data; stage 2 must use the same.
@@ -62,9 +63,9 @@ def validate_stage2_config(config) -> None:
   if s.method not in s2.STAGE2_METHODS:
     raise errors.InvalidInputError(f"Unknown stage2.method {s.method!r}; choose one of: "
                      f"{', '.join(s2.STAGE2_METHODS)}.")
-  if s.sampler not in datasets.SAMPLERS:
+  if s.sampler not in sampling.SAMPLERS:
     raise errors.InvalidInputError(f"Unknown stage2.sampler {s.sampler!r}; choose one of: "
-                                   f"{', '.join(datasets.SAMPLERS)}.")
+                                   f"{', '.join(sampling.SAMPLERS)}.")
   if s.las_rule not in s2.LAS_RULES:
     raise errors.InvalidInputError(f"Unknown stage2.las_rule {s.las_rule!r}; choose one of: "
                      f"{', '.join(s2.LAS_RULES)}.")

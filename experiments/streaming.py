@@ -9,7 +9,7 @@ Each process reads only its rows of every global batch.
 Source "split_list" (ImageNet-LT and Places-LT with the OLTR lists of Liu et
 al., CVPR 2019): batches are pure functions of the seed and the epoch or step,
 the same in every process, so they do not depend on the number of processes:
-  * train batch b of epoch e: rows [b*B, (b+1)*B) of `datasets.epoch_order`;
+  * train batch b of epoch e: rows [b*B, (b+1)*B) of `sampling.epoch_order`;
     process p of P reads rows [p*B/P, (p+1)*B/P) of it;
   * the meta batch of step s: `meta_batch_indices(seed, s, n_meta, B_meta)` of the
     validation list, process p reading its block;
@@ -47,8 +47,9 @@ from absl import logging
 from dnet_jax.data import batching
 from dnet_jax.data import split_lists
 from dnet_jax.data import long_tail
-from experiments import datasets
 from experiments import methods
+from experiments import reporting
+from experiments import sampling
 from experiments import validation
 from experiments.errors import InvalidInputError
 
@@ -121,7 +122,7 @@ class _SplitListSource:
     """Local parts of train batches first..last-1 of `epoch` (`per_epoch` steps per epoch)."""
     s = self.shape
     per_epoch = self.steps_per_epoch if per_epoch is None else per_epoch
-    order = datasets.epoch_order(sampler, self.splits["train"].labels, s.seed, epoch,
+    order = sampling.epoch_order(sampler, self.splits["train"].labels, s.seed, epoch,
                                  per_epoch * s.batch_size)
     rows = order[first * s.batch_size:last * s.batch_size].reshape(last - first, s.batch_size)
     indices = rows[:, s.rows(s.batch_size)].reshape(-1)
@@ -182,7 +183,7 @@ class _TfdsImageNetLTSource:
     from dnet_jax.data import imagenet_lt  # pylint: disable=g-import-not-at-top
 
     del per_epoch  # the TFDS stream has its own epoch
-    sampler = datasets.as_sampler(sampler).name
+    sampler = sampling.as_sampler(sampler).name
     if sampler != "instance":
       raise InvalidInputError(f"data.source='imagenet_lt' (TFDS records, read in order) has no "
                               f"{sampler!r} sampler; use data.source='split_list' with the "
@@ -262,11 +263,11 @@ class StreamedDataset:
             "per epoch")
 
   def info(self, many_threshold: int, few_threshold: int) -> dict:
-    return datasets.data_info(self, many_threshold, few_threshold)
+    return reporting.data_info(self, many_threshold, few_threshold)
 
   def steps_for(self, sampler) -> int:
-    """Global steps per epoch of `sampler` (`datasets.sampler_steps_per_epoch`)."""
-    sampler = datasets.as_sampler(sampler)
+    """Global steps per epoch of `sampler` (`sampling.sampler_steps_per_epoch`)."""
+    sampler = sampling.as_sampler(sampler)
     if sampler.name == "instance" and not sampler.iterations_per_epoch:
       return self.steps_per_epoch
     labels = getattr(self.source, "splits", {}).get("train")
@@ -274,7 +275,7 @@ class StreamedDataset:
       raise InvalidInputError(
           f"The {sampler.name} sampler needs the training labels of a split list; this "
           f"{self.name} source reads a shuffled stream. Use data.source='split_list'.")
-    return datasets.sampler_steps_per_epoch(sampler, labels.labels,
+    return sampling.sampler_steps_per_epoch(sampler, labels.labels,
                                             self.source.shape.batch_size, self.num_classes)
 
   def train_batches(self, start_step: int, end_step: int, *, with_meta: bool,
@@ -303,8 +304,8 @@ class StreamedDataset:
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     """This process's padded batches of `split` ("meta" = validation, or "test")."""
-    if split not in datasets.EVAL_SPLITS:
-      raise ValueError(f"split must be one of {datasets.EVAL_SPLITS}, got {split!r}.")
+    if split not in sampling.EVAL_SPLITS:
+      raise ValueError(f"split must be one of {sampling.EVAL_SPLITS}, got {split!r}.")
     return self.source.eval_batches(split)
 
 

@@ -121,11 +121,11 @@ def _in_memory(counts, batch_size):
 @pytest.mark.parametrize("iterations", [0, 5])
 def test_in_memory_class_aware_batches_are_4_per_class_and_an_epoch_is_max_count_x_classes(
     iterations):
-  from experiments import datasets
+  from experiments import sampling
 
   counts, batch = [13, 7, 3, 1], 8  # max n_c x C = 52 samples: 6 full batches of 8
   data, labels = _in_memory(counts, batch)
-  sampler = datasets.Sampler("class_aware", 4, iterations)
+  sampler = sampling.Sampler("class_aware", 4, iterations)
   per_epoch = iterations or 52 // 8
   assert data.steps_for(sampler) == per_epoch
   items = list(data.train_batches(0, 2 * per_epoch, with_meta=False, sampler=sampler))

@@ -143,6 +143,7 @@ def test_in_memory_dataset_applies_the_host_transform_per_seed_epoch_index():
 
   from dnet_jax.data import long_tail
   from experiments import datasets
+  from experiments import sampling
 
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(3), [10, 4, 2]).astype(np.int32)
@@ -161,7 +162,7 @@ def test_in_memory_dataset_applies_the_host_transform_per_seed_epoch_index():
   resumed = list(dataset(2).train_batches(5, 8, with_meta=False))
   for step, batch, _ in inline:
     epoch, index = divmod(step, 4)
-    rows = datasets.epoch_order("instance", labels, 5, epoch, 16)[4 * index:4 * index + 4]
+    rows = sampling.epoch_order("instance", labels, 5, epoch, 16)[4 * index:4 * index + 4]
     expected = pc.public_train_transform(
         images[rows], pc.transform_rng(5, epoch, index), public_typo=True)
     np.testing.assert_array_equal(batch["image"], expected)

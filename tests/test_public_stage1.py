@@ -38,6 +38,7 @@ from dnet_jax.models import build_classifier
 from dnet_jax.models import pretrained
 from experiments import datasets
 from experiments import experiment
+from experiments import sampling
 from experiments import streaming
 from experiments import validation
 from experiments.configs import base
@@ -103,7 +104,7 @@ def test_public_batches_are_the_library_chain_and_a_pure_function_of_the_step(li
     np.testing.assert_array_equal(got["image"], want["image"])
 
   train = source.splits["train"]
-  order = datasets.epoch_order("instance", train.labels, config.seed, 1,
+  order = sampling.epoch_order("instance", train.labels, config.seed, 1,
                                data.steps_per_epoch * 4)
   step, batch, meta = batches[6]  # epoch 1, batch 1
   for row in (0, 3):

@@ -15,6 +15,7 @@ import pytest
 from dnet_jax.data import split_lists
 from experiments import datasets
 from experiments import stage2
+from experiments import sampling
 from experiments import streaming
 from experiments import trainer
 from experiments.configs import _stage2
@@ -170,7 +171,7 @@ def test_tfds_imagenet_lt_source(tmp_path):
 def test_class_balanced_sampler_reads_the_rows_of_its_draw(lists):
   data = load(tiny_config(lists))
   labels = split_lists.read_split_list(lists["train_list"]).labels
-  order = datasets.epoch_order("class_balanced", labels, 0, 1, 5 * 4)  # epoch 1, 5 batches of 4
+  order = sampling.epoch_order("class_balanced", labels, 0, 1, 5 * 4)  # epoch 1, 5 batches of 4
   items = list(data.train_batches(5, 7, with_meta=False, sampler="class_balanced"))
   for (step, batch, _), rows in zip(items, order.reshape(5, 4)):
     np.testing.assert_array_equal(batch["label"], labels[rows])
@@ -182,7 +183,7 @@ def test_class_balanced_sampler_reads_the_rows_of_its_draw(lists):
 def test_class_aware_sampler_reads_4_per_class_and_its_epoch_length(lists, iterations):
   data = load(tiny_config(lists))
   labels = split_lists.read_split_list(lists["train_list"]).labels
-  sampler = datasets.Sampler("class_aware", 4, iterations)
+  sampler = sampling.Sampler("class_aware", 4, iterations)
   per_epoch = iterations or (12 * 3) // 4  # max n_c x C samples, full batches of 4
   assert data.steps_for(sampler) == per_epoch
   items = list(data.train_batches(per_epoch - 1, per_epoch + 2, with_meta=False,
