@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dnet_jax.classifier import Classifier
+from dnet_jax.protocol import Classifier
 
 
 def is_nnx_module(model: Any) -> bool:

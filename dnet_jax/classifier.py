@@ -13,6 +13,7 @@ with batch statistics and the returned state holds the updated running averages.
 `rng` is a key for the model's random streams (dropout); it may be None when
 the model draws no random numbers.
 
+The `Classifier` record itself is in `dnet_jax.protocol`.
 `as_classifier(model)` turns what a user passes as `model=` into a `Classifier`:
 a linen module (the default adapter, `linen_classifier`), an NNX module
 (`dnet_jax.adapters.nnx_classifier`), an Equinox module without state
@@ -22,7 +23,6 @@ one), or a `Classifier` built by hand or with `function_classifier`.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any, Callable
 
@@ -32,28 +32,12 @@ import jax.numpy as jnp
 from flax import errors as flax_errors
 from flax import linen as nn
 
-ApplyFn = Callable[..., tuple[jax.Array, Any]]
-InitFn = Callable[[jax.Array, jax.Array], tuple[Any, Any]]
+from dnet_jax.protocol import Classifier, InitFn
 
 # Names a linen `__call__` may use for its train/eval switch besides `train`. The
 # inverted ones are True in evaluation mode.
 _OTHER_TRAIN_FLAGS = ("training", "is_training")
 _INVERTED_TRAIN_FLAGS = ("deterministic", "use_running_average", "eval", "inference")
-
-
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-  """A classifier in the library's protocol (see the module docstring).
-
-  Attributes:
-    apply: `apply(params, model_state, images, *, train, rng) -> (logits, new_model_state)`.
-    init: `init(rng, sample_images) -> (params, model_state)`, or None when the
-      parameters are created elsewhere (then `create_train_state` needs them).
-    name: shown in error messages.
-  """
-  apply: ApplyFn
-  init: InitFn | None = None
-  name: str = "classifier"
 
 
 def as_classifier(model: Any) -> Classifier:
