@@ -31,10 +31,9 @@ distributed runtime already listens for SIGTERM and agrees on a step with
 `multihost_utils.reached_preemption_sync_point(step)`, which `should_stop`
 calls every step instead of installing a Python handler (installing one
 would replace the runtime's).
-TODO(multi-process): the multi-process path is untested here (it needs a
-`jax.distributed` cluster that receives a real preemption notice); the
-single-process path is tested in tests/test_resume.py and
-tests/test_reliability.py.
+Tested with real processes: tests/test_multiprocess_runner.py (SIGTERM to one
+of two `jax.distributed` processes: both save at the agreed step and exit 75);
+the single-process path in tests/test_resume.py and tests/test_reliability.py.
 """
 
 from __future__ import annotations

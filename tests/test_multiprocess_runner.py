@@ -233,3 +233,44 @@ def test_each_checkpoint_manager_of_a_run_has_its_own_barriers(tmp_path):
     # pylint: disable-next=protected-access
     options = checkpointer._manager._options.multiprocessing_options
     assert options.barrier_sync_key_prefix == prefixes[1]
+
+
+def test_a_preemption_notice_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+  """SIGTERM to one process of a pod (the notice a preempted host gets): JAX's runtime
+  agrees on a step (`multihost_utils.reached_preemption_sync_point`), every process saves
+  there and exits 75, and the checkpoint of that step is complete."""
+  import re  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "shared"
+  jobs = _pair(workdir, 10**6, "preempted")
+  procs, logs = {}, {}
+  try:
+    for name, (args, n_devices) in jobs.items():
+      logs[name] = tmp_path / f"{name}.log"
+      with open(logs[name], "w") as log:
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", *COMMON, "--config.num_epochs=30",
+             *args], cwd=REPO, env=_env(n_devices), stdout=log, stderr=subprocess.STDOUT)
+    first, second = procs["preempted_process0"], procs["preempted_process1"]
+    deadline = time.monotonic() + TIMEOUT_S
+    while "epoch 1/" not in _tail(logs["preempted_process0"], 10**6):  # training is under way
+      assert first.poll() is None and time.monotonic() < deadline, _tail(logs["preempted_process0"])
+      time.sleep(0.5)
+    second.send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=TIMEOUT_S) for p in (first, second)]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+  texts = [_tail(logs[n], 10**6) for n in ("preempted_process0", "preempted_process1")]
+  assert codes == [75, 75], "\n".join(t[-3000:] for t in texts)
+  steps = [re.findall(r"Stopped by .* after step (\d+) of", t) for t in texts]
+  assert len(steps[0]) == len(steps[1]) == 1 and steps[0] == steps[1], steps
+  step = int(steps[0][0])
+  assert step >= 9  # after the first epoch's evaluation and checkpoint
+  checkpoints = workdir / "checkpoints"
+  assert str(step) in os.listdir(checkpoints)
+  assert os.path.isfile(checkpoints / str(step) / "commit_success.txt")
+  assert os.path.isfile(checkpoints / "digests" / f"{step}-loop.json")
+  assert not (workdir / "results.json").exists()
