@@ -30,6 +30,7 @@ from absl import logging
 from dnet_jax import difficulty as dmath
 from dnet_jax import parallel
 from experiments import errors
+from experiments import metric_writers
 from experiments import reporting
 
 # Step metrics named first in a non-finite report, when several go bad at the same step.
@@ -323,7 +324,7 @@ class Loop:
     del state
     logging.info("Training %s for steps %d..%d (%d per epoch) on %d device(s).", exp.name,
                  p.step, periodic.total_steps, p.steps_per_epoch, jax.device_count())
-    self.bar = reporting.progress_bar(periodic.total_steps, p.step,
+    self.bar = metric_writers.progress_bar(periodic.total_steps, p.step,
                                       enabled=self.is_main and self.show_bar)
     if p.pending_evaluation:  # the evaluation a SIGTERM at this step postponed
       p.pending_evaluation = False

@@ -29,6 +29,7 @@ from experiments import datasets
 from experiments import errors
 from experiments import experiment as experiment_lib
 from experiments import loop as loop_lib
+from experiments import metric_writers
 from experiments import preemption
 from experiments import pretrained_init
 from experiments import reporting
@@ -215,7 +216,7 @@ def run(config, workdir: str, dataset, exp, *, label: str, learned_difficulty: b
 
 
 def _train(config, exp, dataset, progress, state, checkpointer, is_main):
-  writer, writer_kind = reporting.create_metric_writer(os.path.dirname(checkpointer.directory),
+  writer, writer_kind = metric_writers.create_metric_writer(os.path.dirname(checkpointer.directory),
                                                        is_main=is_main)
   logging.info("Metric writer: %s", writer_kind)
   periodic = loop_lib.Periodic(

@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from experiments import reporting
+from experiments import metric_writers
 
 
 def test_tensorboardx_writer_events_read_back(tmp_path, monkeypatch):
   # Force the no-TensorFlow path that the quick-start install takes.
-  monkeypatch.setattr(reporting, "tensorboard_available", lambda: False)
-  writer, kind = reporting.create_metric_writer(str(tmp_path))
+  monkeypatch.setattr(metric_writers, "tensorboard_available", lambda: False)
+  writer, kind = metric_writers.create_metric_writer(str(tmp_path))
   assert "tensorboardX" in kind
   writer.write_scalars(3, {"train_loss": 1.5, "val_accuracy": 0.25})
   writer.write_scalars(7, {"train_loss": 0.5})
@@ -25,6 +25,6 @@ def test_tensorboardx_writer_events_read_back(tmp_path, monkeypatch):
     for value in event.summary.value:
       seen[(value.tag, event.step)] = value.simple_value
   assert seen == {("train_loss", 3): 1.5, ("val_accuracy", 3): 0.25, ("train_loss", 7): 0.5}
-  with open(tmp_path / reporting.METRICS_FILE) as f:
+  with open(tmp_path / metric_writers.METRICS_FILE) as f:
     rows = [json.loads(line) for line in f]
   assert rows[1] == {"step": 7, "train_loss": 0.5}

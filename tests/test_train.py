@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import metric_writers
 from experiments import reporting
 from experiments import trainer
 from experiments.configs import cifar10_lt
@@ -70,7 +71,7 @@ def test_digits_run_writes_results_plots_checkpoints_and_resumes(tmp_path):
   np.testing.assert_allclose(np.mean(on_disk["history"]["class_weights"][0]), 1.0, rtol=1e-5)
   for path in on_disk["plots"].values():
     assert os.path.isfile(path) and os.path.getsize(path) > 1000, path
-  assert os.path.getsize(os.path.join(workdir, reporting.METRICS_FILE)) > 0
+  assert os.path.getsize(os.path.join(workdir, metric_writers.METRICS_FILE)) > 0
   checkpoints = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert "9" in checkpoints and "11" in checkpoints, checkpoints
 
