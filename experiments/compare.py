@@ -67,7 +67,10 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 import numpy as np
 
-RESULTS_FILE = "results.json"  # = experiments.reporting.RESULTS_FILE (not imported: no JAX here)
+from experiments import plots
+from experiments import reporting
+
+RESULTS_FILE = reporting.RESULTS_FILE
 TABLE_FILE = "table.md"
 GRID_FILE = "grid.json"
 WEIGHTS_PLOT = "class_weights.png"
@@ -377,21 +380,13 @@ def format_tables(rows: Sequence[dict], header: str) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
-def _figure(width, height, nrows, ncols):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(width, height), dpi=100)
-  FigureCanvasAgg(fig)
-  return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
 def plot_class_weights(path: str, table_runs: Sequence[Run], results: dict[str, dict]) -> bool:
   """Final class weights vs training images and vs validation accuracy; False if nothing to plot."""
   keys = [k for k in WEIGHT_PLOT_METHODS if any(r.spec.key == k for r in table_runs)]
   rhos = sorted({r.imbalance for r in table_runs})
   if not keys:
     return False
-  fig, axes = _figure(11.0, 3.6 * len(rhos), len(rhos), 2)
+  fig, axes = plots.figure(11.0, 3.6 * len(rhos), len(rhos), 2)
   colors = ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red")
   for i, rho in enumerate(rhos):
     ax_n, ax_a = axes[i]
@@ -431,7 +426,7 @@ def plot_accuracy(path: str, rows: Sequence[dict]) -> None:
   """Horizontal bars: final-epoch overall accuracy (± std) by method, few-shot as diamonds."""
   rhos = sorted({r["imbalance"] for r in rows})
   labels = list(dict.fromkeys(r["label"] for r in rows))
-  fig, axes = _figure(4.2 * len(rhos) + 2.5, 0.35 * len(labels) + 1.6, 1, len(rhos))
+  fig, axes = plots.figure(4.2 * len(rhos) + 2.5, 0.35 * len(labels) + 1.6, 1, len(rhos))
   for j, rho in enumerate(rhos):
     ax = axes[0, j]
     by_label = {r["label"]: r for r in rows if r["imbalance"] == rho}

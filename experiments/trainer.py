@@ -30,6 +30,7 @@ from experiments import errors
 from experiments import experiment as experiment_lib
 from experiments import loop as loop_lib
 from experiments import metric_writers
+from experiments import plots
 from experiments import preemption
 from experiments import pretrained_init
 from experiments import reporting
@@ -208,7 +209,7 @@ def run(config, workdir: str, dataset, exp, *, label: str, learned_difficulty: b
     add_results(results, progress)
   if is_main:
     labelled = dict(results, config=dict(results["config"], method=label))
-    results["plots"] = reporting.write_plots(
+    results["plots"] = plots.write_plots(
         workdir, labelled, groups, (int(config.many_threshold), int(config.few_threshold)),
         learned_difficulty=learned_difficulty, compare_with=compare_with)
     reporting.write_json(os.path.join(workdir, reporting.RESULTS_FILE), results)
