@@ -14,7 +14,10 @@ its running statistics are thrown away); the meta forward pass also runs in
 training mode, as the public code's model does. alpha may be one rate or one per
 parameter (parameter groups: theta_hat_k = theta_k - alpha_k g_k, as the public
 Places-LT code's lookahead optimizer has the groups of the real one,
-ImageNet_Places-LT/train_stage1.py:272-276).
+ImageNet_Places-LT/train_stage1.py:272-276). That optimizer is SGD with momentum
+and weight decay (train_stage1.py:272-285, stepped at 417); the lookahead here is
+plain SGD, as METHOD.md defines it. In the public code no gradient flows through
+its lookahead (`driver_only` below), so there the choice changes no number.
 
 Three ways to get dL_meta/dphi:
   * `nested`: `jax.grad` of L_meta, whose body calls `jax.grad` for the lookahead
