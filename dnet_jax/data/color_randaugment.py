@@ -13,6 +13,15 @@ the tf.data threading. The random draws are separate `*_params` functions, so te
 (and users) can reproduce exactly what was applied. `train_augment` (decoded uint8
 image) and `train_augment_encoded` (file bytes) run the whole chain.
 
+RandAugment has two forms with the same results. `apply_rand_augment` augments one
+image, choosing each layer's kernel with `select_branch`; `apply_rand_augment_batch`
+augments a batch with per-image draws (a tf.data pipeline maps the rest of the chain
+and `train_rand_augment_params` per example, then this after `batch()`: see
+`split_lists.examples_dataset`), splitting each layer's batch by op kind so that
+each kernel runs once per batch. The kernels (`_lut_ops`, `_blend_ops`,
+`_affine_ops`, on the batch-capable building blocks of `pil_ops`) compute every image
+of a batch as alone, so the two forms agree bit for bit.
+
 For speed the chain never builds the padded image: the crop box is drawn for the
 padded shape and its rows and columns are mapped back through the reflection
 (`padded_crop_window`); every colour and RandAugment op then runs on the

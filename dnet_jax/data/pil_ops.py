@@ -34,6 +34,8 @@ the images that draw it (`partitioned`).
   is bilinear or bicubic (Pillow's a = -1 cubic) with edge-clamped neighbours,
   clipped and truncated to uint8. The domain test is float64 as in Pillow, the
   interpolation float32 (see `affine`): a truncated value can differ by 1.
+  Bicubic samples that stay on their row (shears and translations in x) or column
+  (in y) weigh only the 4 neighbours on it (`affine_batch`).
 """
 
 from __future__ import annotations
@@ -191,19 +193,20 @@ _CHANNEL_OFFSETS = (0, 256, 512)
 
 
 def _flat_index(x):
-  """Index of each value into 3 concatenated per-channel tables of 256 entries."""
-  return tf.cast(x, tf.int32) + tf.constant(_CHANNEL_OFFSETS, tf.int32)
+  """Index of each value of [H, W, 3] (or a batch [N, H, W, 3]) into 3 (or N x 3)
+  concatenated per-channel tables of 256 entries."""
+  offsets = tf.constant(_CHANNEL_OFFSETS, tf.int32)
+  if x.shape.rank == 4:
+    offsets += 768 * tf.range(tf.shape(x)[0])[:, None, None, None]
+  return tf.cast(x, tf.int32) + offsets
 
 
 def apply_lut(image, luts):
   """Per-channel lookup table: out[..., c] = luts[c, image[..., c]], luts int [3, 256]
   (one gather from the 768 concatenated entries); for a batch [N, H, W, 3], one table
-  per image, luts [N, 3, 256]."""
+  per image, luts [N, 3, 256] (one gather from N x 768 entries)."""
   luts = tf.cast(tf.convert_to_tensor(luts), tf.float32)
-  index = _flat_index(levels(image))
-  if luts.shape.rank == 2:
-    return _like(tf.gather(tf.reshape(luts, [768]), index), image)
-  return _like(tf.gather(tf.reshape(luts, [-1, 768]), index, batch_dims=1), image)
+  return _like(tf.gather(tf.reshape(luts, [-1]), _flat_index(levels(image))), image)
 
 
 def _same_for_channels(lut):
@@ -245,13 +248,13 @@ def solarize_add_lut(addition, threshold=128):
 
 
 def histograms(image):
-  """Per-channel histograms, int64 [..., 3, 256], of [..., H, W, 3] (one bincount over
-  the 768 flat bins per image)."""
+  """Per-channel histograms, int64 [3, 256] of [H, W, 3] or [N, 3, 256] of a batch (one
+  bincount over the 768 flat bins of each image)."""
   index = _flat_index(levels(image))
-  shape = tf.shape(index)
-  rows = tf.reshape(index, tf.stack([-1, tf.reduce_prod(shape[-3:])]))
-  counts = tf.math.bincount(rows, minlength=768, maxlength=768, dtype=tf.int64, axis=-1)
-  return tf.reshape(counts, tf.concat([shape[:-3], [3, 256]], 0))
+  bins = 768 * tf.reduce_prod(tf.shape(index)[:-3])
+  counts = tf.math.bincount(tf.reshape(index, [-1]), minlength=bins, maxlength=bins,
+                            dtype=tf.int64)
+  return tf.reshape(counts, tf.concat([tf.shape(index)[:-3], [3, 256]], 0))
 
 
 def auto_contrast_lut(histogram):
@@ -355,39 +358,90 @@ def _cubic_weights(d):
   return tf.stack([-d + 2.0 * d2 - d3, 1.0 - 2.0 * d2 + d3, d + d2 - d3, d3 - d2], axis=-1)
 
 
-def _bicubic_warp(x, u, v):
-  """Bicubic samples at index points (u, v) [N, H, W] with edge-clamped neighbours,
-  float32 [N, H, W, 3].
+def _floor_and_weights(points):
+  """floor(points) as int32 and the 4 cubic weights of the fractional part, float32 (the
+  fraction is exact in float64, then rounded to float32 for the weights)."""
+  floor = tf.floor(points)
+  return tf.cast(floor, tf.int32), _cubic_weights(tf.cast(points - floor, tf.float32))
 
-  The 4 neighbours in a row are 12 contiguous floats of a table of edge-clamped
-  4-pixel row windows (one per start column -1 .. W-1), so each output pixel gathers
-  4 slices instead of 16 pixels; then one weighted sum.
-  """
-  shape = tf.shape(x)
-  height, width = shape[1], shape[2]
-  u0, v0 = tf.floor(u), tf.floor(v)
-  wx = tf.cast(_cubic_weights(u - u0), tf.float32)  # [N, H, W, 4]
-  wy = tf.cast(_cubic_weights(v - v0), tf.float32)
+
+def _row_windows(x):
+  """Table [N H (W+1), 12] of the edge-clamped 4-pixel windows of every row of a batch
+  [N, H, W, 3], one per start column -1 .. W-1 (window s = columns s-1 .. s+2): the 4
+  horizontal neighbours of a sample are one row of it."""
+  width = tf.shape(x)[2]
   clamped = tf.gather(x, tf.clip_by_value(tf.range(-2, width + 2), 0, width - 1), axis=2)
   windows = tf.stack([clamped[:, :, k:k + width + 1] for k in range(4)], axis=3)
-  windows = tf.reshape(windows, tf.stack([shape[0], -1, 12]))  # [N, H (W+1), 4 x 3]
-  start = tf.clip_by_value(tf.cast(u0, tf.int32), -1, width - 1) + 1
-  rows = tf.clip_by_value(tf.cast(v0, tf.int32)[..., None] + tf.range(-1, 3), 0, height - 1)
-  patches = tf.gather(windows, rows * (width + 1) + start[..., None], batch_dims=1)
+  return tf.reshape(windows, [-1, 12])
+
+
+def _window_index(x, rows, start):
+  """Row of `_row_windows(x)` for image rows `rows` (clamped) and floor columns `start`
+  ([N, H, W, ...] broadcast)."""
+  shape = tf.shape(x)
+  height, width = shape[1], shape[2]
+  rows = tf.clip_by_value(rows, 0, height - 1) + height * tf.range(shape[0])[:, None, None, None]
+  return rows * (width + 1) + tf.clip_by_value(start, -1, width - 1) + 1
+
+
+def _bicubic_warp(x, u, v):
+  """Bicubic samples at index points (u, v) [N, H, W] with edge-clamped neighbours,
+  float32 [N, H, W, 3]: each output pixel gathers 4 rows of `_row_windows` (12
+  contiguous floats each) instead of 16 pixels; then weighs each row's 4 neighbours by
+  the horizontal weights and the 4 row values by the vertical ones."""
+  u0, wx = _floor_and_weights(u)
+  v0, wy = _floor_and_weights(v)
+  rows = v0[..., None] + tf.range(-1, 3)  # [N, H, W, 4]
+  patches = tf.gather(_row_windows(x), _window_index(x, rows, u0[..., None]))
   patches = tf.reshape(patches, tf.concat([tf.shape(rows), [4, 3]], 0))  # [N, H, W, 4, 4, 3]
-  weights = wy[..., :, None] * wx[..., None, :]
-  return tf.reduce_sum(patches * weights[..., None], axis=[3, 4])
+  across = tf.reduce_sum(patches * wx[..., None, :, None], axis=4)  # each row's sample
+  return tf.reduce_sum(across * wy[..., None], axis=3)
+
+
+def _bicubic_rows(x, u):
+  """`_bicubic_warp` where every sample lies on its output pixel's row (v = y: the
+  vertical weights are 0, 1, 0, 0): one window of 4 pixels per output pixel."""
+  u0, wx = _floor_and_weights(u)
+  rows = tf.range(tf.shape(x)[1])[None, :, None, None]
+  patches = tf.gather(_row_windows(x), _window_index(x, rows, u0[..., None]))[..., 0, :]
+  patches = tf.reshape(patches, tf.concat([tf.shape(u), [4, 3]], 0))  # [N, H, W, 4, 3]
+  return tf.reduce_sum(patches * wx[..., None], axis=3)
+
+
+def _bicubic_columns(x, v):
+  """`_bicubic_rows` along columns (u = x), on the transposed images."""
+  transposed = _bicubic_rows(tf.transpose(x, [0, 2, 1, 3]), tf.transpose(v, [0, 2, 1]))
+  return tf.transpose(transposed, [0, 2, 1, 3])
+
+
+# Resampling kernels of `affine_batch`, by group.
+_BILINEAR, _BICUBIC, _BICUBIC_ROWS, _BICUBIC_COLUMNS = 0, 1, 2, 3
+
+
+def _resampling_group(matrices, bicubic):
+  """Each image's resampling kernel: bilinear, or bicubic along rows where the matrix
+  keeps rows (d, e, f) = (0, 1, 0) (shears and translations in x), along columns
+  where it keeps columns (a, b, c) = (1, 0, 0), else the general bicubic."""
+  rows = tf.reduce_all(tf.equal(matrices[:, 3:], tf.constant([0.0, 1.0, 0.0], tf.float64)), 1)
+  columns = tf.reduce_all(tf.equal(matrices[:, :3], tf.constant([1.0, 0.0, 0.0], tf.float64)), 1)
+  cubic = tf.where(rows, _BICUBIC_ROWS, tf.where(columns, _BICUBIC_COLUMNS, _BICUBIC))
+  return tf.where(tf.cast(bicubic, tf.bool), cubic, _BILINEAR)
 
 
 def affine_batch(images, matrices, fill: Sequence[int], bicubic):
   """`affine` of each image of a batch [N, H, W, 3] with its own matrix (float64 [N, 6])
   and resampling (bool [N]: bicubic, else bilinear); each resampling runs only on the
-  images that use it (`partitioned`)."""
+  images that use it (`partitioned`). Bicubic samples that stay on their row (or
+  column), as in shears and translations, weigh 4 neighbours instead of 16 (the other
+  weights are 0)."""
   x = levels(images)
   matrices = tf.cast(matrices, tf.float64)
   inside, u, v = _inside_and_sample_points(tf.shape(x), matrices)
-  value = partitioned(bicubic, [lambda x, m, u, v: _bilinear_warp(x, m),
-                                lambda x, m, u, v: _bicubic_warp(x, u, v)], x, matrices, u, v)
+  value = partitioned(_resampling_group(matrices, bicubic),
+                      [lambda x, m, u, v: _bilinear_warp(x, m),
+                       lambda x, m, u, v: _bicubic_warp(x, u, v),
+                       lambda x, m, u, v: _bicubic_rows(x, u),
+                       lambda x, m, u, v: _bicubic_columns(x, v)], x, matrices, u, v)
   fill = tf.constant(fill, tf.float32)
   return _like(tf.where(inside[..., None], _truncate(value), fill), images)
 
@@ -399,10 +453,11 @@ def affine(image, matrix, fill: Sequence[int], bicubic=False):
   (pixel centres at +0.5, see the module docstring). Resampling is BILINEAR, or
   BICUBIC where `bicubic` (a Python or a tensor bool): Pillow's cubic convolution with
   a = -1, p1 + d (c1 + d (c2 + d c3)) with c1 = p2 - p0, c2 = 2 (p0 - p1) + p2 - p3,
-  c3 = p1 - p0 - p2 + p3, over the 4 x 4 edge-clamped neighbours. The domain test is
-  float64 as in Pillow; the interpolation is float32 (Pillow: float64), which moves a
-  value by ~1e-4 grey levels, so where Pillow's value lies that close to an integer
-  the truncated result can differ by 1. The result is clipped to [0, 255] and
+  c3 = p1 - p0 - p2 + p3, over the 4 x 4 edge-clamped neighbours, each row first and
+  then the 4 row values, as Pillow. The domain test and the sample points are float64
+  as in Pillow; the weights and the interpolation are float32 (Pillow: float64), which
+  moves a value by ~1e-4 grey levels, so where Pillow's value lies that close to an
+  integer the truncated result can differ by 1. The result is clipped to [0, 255] and
   truncated, as Pillow stores it. (`affine_batch` with a batch of one.)
   """
   matrix = tf.cast(tf.convert_to_tensor(matrix), tf.float64)

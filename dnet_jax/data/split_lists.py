@@ -47,6 +47,9 @@ Difficulty-Net):
   eval:  resize the shorter side to `resize_size` (256), centre crop
          `image_size` (224);
   both:  scale to [0, 1], subtract `mean` and divide by `std` (ImageNet's).
+A dataset maps the decode and transform per example and, after `batch()`, the
+normalisation per batch; with "public_imagenet" the RandAugment stage runs there too,
+per batch, on each example's own draws (`examples_dataset`).
 Batches are dicts of numpy arrays: "image" float32 [B, H, W, 3], "label"
 int32 [B], and for evaluation "mask" float32 [B].
 """
