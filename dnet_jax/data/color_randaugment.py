@@ -230,9 +230,15 @@ def _blend_ops(x, position, level):
   """Color (0), Contrast (1), Brightness (2), Sharpness (3) on a batch of levels: a blend
   with factor 1.8 l + 0.1; the smoothed image (Sharpness) is computed only for the images
   that blend with it."""
-  degenerate = pil_ops.partitioned(tf.equal(position, 3),
-                                   [_grey_partners, lambda x, _: pil_ops.smooth(x)], x, position)
-  return pil_ops.blend_levels(degenerate, x, pil_ops.per_image(level * 1.8 + 0.1))
+  def with_grey(x, position, factor):
+    return pil_ops.blend_levels(_grey_partners(x, position), x, pil_ops.per_image(factor))
+
+  def with_smooth(x, position, factor):
+    del position
+    return pil_ops.blend_levels(pil_ops.smooth(x), x, pil_ops.per_image(factor))
+
+  return pil_ops.partitioned(tf.equal(position, 3), [with_grey, with_smooth], x, position,
+                             level * 1.8 + 0.1)
 
 
 def _affine_ops(x, position, level, sign, fill, bicubic):

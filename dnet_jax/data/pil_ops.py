@@ -92,8 +92,9 @@ def _truncate(values):
 
 def grayscale_levels(x):
   """Pillow's RGB -> L conversion, (19595 R + 38470 G + 7471 B + 32768) >> 16, float32
-  [..., H, W] (every partial sum is an integer below 2^24, so float32 is exact)."""
-  luma = tf.reduce_sum(x * tf.constant(_LUMA_WEIGHTS, tf.float32), axis=-1)
+  [..., H, W] (every partial sum is an integer below 2^24, so float32 is exact in any
+  order: one matrix product over the channels)."""
+  luma = tf.tensordot(x, tf.constant(_LUMA_WEIGHTS, tf.float32), axes=[[-1], [0]])
   return tf.floor((luma + 32768.0) * (1.0 / 65536.0))
 
 
@@ -121,11 +122,12 @@ def blend(degenerate, image, factor):
 
 
 def grey_blend_partner(x, scale, offset, grey=None):
-  """scale L + offset, broadcast to 3 channels: the degenerate image of `ImageEnhance`
-  Color (1, 0), Contrast (0, mean level) and Brightness (0, 0), as one formula so one
-  code path serves all three (for a batch, `scale` and `offset` are `per_image`)."""
+  """scale L + offset, [..., H, W, 1] (one channel that broadcasts against the image's
+  three): the degenerate image of `ImageEnhance` Color (1, 0), Contrast (0, mean level)
+  and Brightness (0, 0), as one formula so one code path serves all three (for a
+  batch, `scale` and `offset` are `per_image`)."""
   grey = grayscale_levels(x) if grey is None else grey
-  return scale * grey[..., None] + offset * tf.ones_like(x)
+  return scale * grey[..., None] + offset
 
 
 def brightness(image, factor):
@@ -137,7 +139,7 @@ def brightness(image, factor):
 def grey_image(image):
   """The degenerate image of `ImageEnhance.Color`: L replicated to 3 channels."""
   x = levels(image)
-  return _like(grey_blend_partner(x, 1.0, 0.0), image)
+  return _like(tf.broadcast_to(grey_blend_partner(x, 1.0, 0.0), tf.shape(x)), image)
 
 
 def mean_grey_image(image, grey=None):
