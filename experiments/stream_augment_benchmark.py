@@ -10,11 +10,11 @@ The "ImageNet-LT chain (batch B)" row times the runner's own pipeline,
 (what experiments/streaming.py builds): decode, crop, flip and ColorJitter per example,
 then RandAugment and normalisation per batch of `--batch_size`
 (`color_randaugment.apply_rand_augment_batch`). The row "ImageNet-LT, RA per image"
-maps the same chain with RandAugment per image (`split_lists.preprocess`), for comparison. The other rows
-map per-example functions: `preprocess` with "crop_flip" and "public_places" (the
-runner's per-example work for those; it normalises per batch instead, the same
-arithmetic), and the reflect-padded crop alone, with the padded image never built and
-with the crop window decoded directly
+maps the same chain with RandAugment per image (`split_lists.preprocess`), for
+comparison. The other rows map per-example functions: `preprocess` with "crop_flip"
+and "public_places" (the runner's per-example work for those; it normalises per batch
+instead, the same arithmetic), and the reflect-padded crop alone, with the padded
+image never built and with the crop window decoded directly
 (`color_randaugment.decode_padded_random_resized_crop`).
 
   python -m experiments.stream_augment_benchmark
@@ -26,13 +26,12 @@ quality 90, about the size of an ImageNet photo) to a temporary directory, then
 times `--repeats` passes over them through a tf.data pipeline (the traced `map`
 with `num_parallel_calls=--threads`) restricted to `--threads` threads
 (`threading.private_threadpool_size`, one op thread each), after one untimed
-warm-up pass that builds the pipeline, all through one iterator. For each chain of `CHAINS` (decode + crop;
-the same with reflect padding, decoding the whole JPEG or only the crop window;
-the Places-LT chain; the ImageNet-LT chain, batch and per-image RandAugment) it
-prints images/s per core two ways:
-wall-clock rate / threads (right when the cores are otherwise idle) and images per
-CPU second of this process (right on a shared machine). About a minute with the
-defaults.
+warm-up pass that builds the pipeline, all through one iterator. For each row
+(decode + crop; the same with reflect padding, decoding the whole JPEG or only the
+crop window; the Places-LT chain; the ImageNet-LT chain with RandAugment per image
+and per batch) it prints images/s per core two ways: wall-clock rate / threads
+(right when the cores are otherwise idle) and images per CPU second of this process
+(right on a shared machine). About a minute with the defaults.
 """
 
 from __future__ import annotations

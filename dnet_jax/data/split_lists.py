@@ -338,8 +338,8 @@ def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = 
   (ImageNet_Places-LT/datasets/imagenet.py:201-217): reflect-pad 4 ->
   RandomResizedCrop -> flip -> ColorJitter(0.4, 0.4, 0.4) -> RandAugment
   rand-n2-m10-mstd0.5 (`color_randaugment.train_augment`); with `rand_augment=False`
-  it stops before RandAugment, which `examples_dataset` then applies to whole batches. "public_places": the same without RandAugment (its
-  Places-LT chain).
+  it stops before RandAugment, which `examples_dataset` then applies to whole batches.
+  "public_places": the same without RandAugment (its Places-LT chain).
   """
   tf = _tf()
   check_augment(augment)
