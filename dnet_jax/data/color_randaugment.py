@@ -13,6 +13,15 @@ the tf.data threading. The random draws are separate `*_params` functions, so te
 (and users) can reproduce exactly what was applied. `train_augment` (decoded uint8
 image) and `train_augment_encoded` (file bytes) run the whole chain.
 
+RandAugment has two forms with the same results. `apply_rand_augment` augments one
+image, choosing each layer's kernel with `select_branch`; `apply_rand_augment_batch`
+augments a batch with per-image draws (a tf.data pipeline maps the rest of the chain
+and `train_rand_augment_params` per example, then this after `batch()`: see
+`split_lists.examples_dataset`), splitting each layer's batch by op kind so that
+each kernel runs once per batch. The kernels (`_lut_ops`, `_blend_ops`,
+`_affine_ops`, on the batch-capable building blocks of `pil_ops`) compute every image
+of a batch as alone, so the two forms agree bit for bit.
+
 For speed the chain never builds the padded image: the crop box is drawn for the
 padded shape and its rows and columns are mapped back through the reflection
 (`padded_crop_window`); every colour and RandAugment op then runs on the
@@ -181,50 +190,88 @@ def rand_augment_params(seed, num_layers: int = 2, magnitude: float = 10.0,
   return RandAugmentParams(op, apply, drawn, negate, bicubic)
 
 
-# Each op is one of three kinds, computed by one branch each (see `select_branch`): a
-# per-channel lookup table, a blend with a degenerate image, or an affine warp;
-# `_POSITION` is the op's place among the candidates of its kind.
+# Each op is one of three kinds, computed by one batched kernel each: a per-channel lookup
+# table, a blend with a degenerate image, or an affine warp; `_POSITION` is the op's place
+# among the candidates of its kind. The per-image path (`apply_op`) picks the kernel with
+# `select_branch` and runs it on a batch of one; the batch path (`apply_rand_augment_batch`)
+# splits the batch by kind with `pil_ops.partitioned` and runs each kernel once.
 _LUT, _BLEND, _AFFINE, _IDENTITY = 0, 1, 2, 3
 _KIND = (_LUT, _LUT, _LUT, _AFFINE, _LUT, _LUT, _LUT, _BLEND, _BLEND, _BLEND, _BLEND, _AFFINE,
          _AFFINE, _AFFINE, _AFFINE)
 _POSITION = (0, 1, 2, 0, 3, 4, 5, 0, 1, 2, 3, 1, 2, 3, 4)
 
 
-def _lut_op(x, position, level):
-  """AutoContrast, Equalize, Invert, PosterizeTpu, Solarize, SolarizeAdd (positions 0-5);
-  the histograms are computed only for the first two."""
-  histogram = tf.cond(position < 2, lambda: pil_ops.histograms(x),
-                      lambda: tf.zeros([3, 256], tf.int64))
+def _lut_ops(x, position, level):
+  """AutoContrast, Equalize, Invert, PosterizeTpu, Solarize, SolarizeAdd (positions 0-5) on
+  a batch of levels [N, H, W, 3] (position [N], level float64 [N]): every image's 6
+  tables are built and its own gathered; histograms only for the first two ops."""
+  histogram = pil_ops.partitioned(
+      position < 2, [lambda x: tf.zeros(tf.stack([tf.shape(x)[0], 3, 256]), tf.int64),
+                     pil_ops.histograms], x)
+  count = tf.shape(x)[0]
+  invert = tf.broadcast_to(pil_ops.invert_lut(), tf.stack([count, 3, 256]))
   luts = tf.stack([pil_ops.auto_contrast_lut(histogram), pil_ops.equalize_lut(histogram),
-                   pil_ops.invert_lut(), pil_ops.posterize_lut(tf.cast(level * 4.0, tf.int32)),
+                   invert, pil_ops.posterize_lut(tf.cast(level * 4.0, tf.int32)),
                    pil_ops.solarize_lut(tf.cast(level * 256.0, tf.int32)),
-                   pil_ops.solarize_add_lut(tf.cast(level * 110.0, tf.int32))])
-  return pil_ops.apply_lut(x, tf.gather(luts, position))
+                   pil_ops.solarize_add_lut(tf.cast(level * 110.0, tf.int32))], axis=1)
+  return pil_ops.apply_lut(x, tf.gather(luts, position, batch_dims=1))
 
 
-def _blend_op(x, position, level):
-  """Color (0), Contrast (1), Brightness (2), Sharpness (3): a blend with factor
-  1.8 l + 0.1; the first three blend with scale L + offset (see `apply_color_jitter`)."""
-  def grey_partner():
-    grey = pil_ops.grayscale_levels(x)
-    scale = tf.cast(tf.equal(position, 0), tf.float32)
-    offset = tf.cast(tf.equal(position, 1), tf.float32) * pil_ops.mean_grey_level(grey)
-    return pil_ops.grey_blend_partner(x, scale, offset, grey)
-
-  degenerate = tf.cond(tf.equal(position, 3), lambda: pil_ops.smooth(x), grey_partner)
-  return pil_ops.blend_levels(degenerate, x, level * 1.8 + 0.1)
+def _grey_partners(x, position):
+  """The Color (0), Contrast (1) and Brightness (2) degenerate images: scale L + offset
+  (`pil_ops.grey_blend_partner`), one formula for all three."""
+  grey = pil_ops.grayscale_levels(x)
+  scale = tf.cast(tf.equal(position, 0), tf.float32)
+  offset = tf.cast(tf.equal(position, 1), tf.float32) * pil_ops.mean_grey_level(grey)
+  return pil_ops.grey_blend_partner(x, pil_ops.per_image(scale), pil_ops.per_image(offset), grey)
 
 
-def _affine_op(x, position, level, sign, fill, bicubic):
-  """Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (positions 0-4)."""
+def _blend_ops(x, position, level):
+  """Color (0), Contrast (1), Brightness (2), Sharpness (3) on a batch of levels: a blend
+  with factor 1.8 l + 0.1; the smoothed image (Sharpness) is computed only for the images
+  that blend with it."""
+  def with_grey(x, position, factor):
+    return pil_ops.blend_levels(_grey_partners(x, position), x, pil_ops.per_image(factor))
+
+  def with_smooth(x, position, factor):
+    del position
+    return pil_ops.blend_levels(pil_ops.smooth(x), x, pil_ops.per_image(factor))
+
+  return pil_ops.partitioned(tf.equal(position, 3), [with_grey, with_smooth], x, position,
+                             level * 1.8 + 0.1)
+
+
+def _affine_ops(x, position, level, sign, fill, bicubic):
+  """Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (positions 0-4) on a batch of
+  levels: one warp (`pil_ops.affine_batch`) with each image's matrix and resampling."""
   shape = tf.shape(x)
-  height, width = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+  height, width = tf.cast(shape[1], tf.float64), tf.cast(shape[2], tf.float64)
   signed = sign * level
-  matrices = tf.stack([pil_ops.rotation_matrix(signed * 30.0, shape[0], shape[1]),
+  matrices = tf.stack([pil_ops.rotation_matrix(signed * 30.0, shape[1], shape[2]),
                        pil_ops.shear_x_matrix(signed * 0.3), pil_ops.shear_y_matrix(signed * 0.3),
                        pil_ops.translate_x_matrix(signed * 0.45 * width),
-                       pil_ops.translate_y_matrix(signed * 0.45 * height)])
-  return pil_ops.affine(x, tf.gather(matrices, position), fill, bicubic)
+                       pil_ops.translate_y_matrix(signed * 0.45 * height)], axis=1)
+  return pil_ops.affine_batch(x, tf.gather(matrices, position, batch_dims=1), fill, bicubic)
+
+
+def _op_arguments(op, magnitude, negate, enabled):
+  """(kind, position, level, sign) of ops: level l = magnitude / 10 in float64 (as timm
+  computes it in Python), sign -1 where `negate`, kind `_IDENTITY` where not `enabled`."""
+  op = tf.cast(op, tf.int32)
+  level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
+  sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
+                  tf.constant(1.0, tf.float64))
+  kind = tf.where(tf.cast(enabled, tf.bool), tf.gather(tf.constant(_KIND), op), _IDENTITY)
+  return kind, tf.gather(tf.constant(_POSITION), op), level, sign
+
+
+def _kernels(fill):
+  """The kernels by kind, each f(x, position, level, sign, bicubic) on a batch."""
+  return [lambda x, position, level, sign, bicubic: _lut_ops(x, position, level),
+          lambda x, position, level, sign, bicubic: _blend_ops(x, position, level),
+          lambda x, position, level, sign, bicubic: _affine_ops(x, position, level, sign,
+                                                                fill, bicubic),
+          lambda x, *_: x]
 
 
 @_graph_code
@@ -235,21 +282,15 @@ def apply_op(image, op, magnitude, negate=False, fill: Sequence[int] = IMAGENET_
   With level l = magnitude / 10 in float64 (as timm computes it in Python) and the sign
   -1 where `negate`, the arguments are those of the module docstring. Where `enabled`
   is False the image is returned unchanged (one branch more, not a separate cond);
-  geometric ops resample bicubic where `bicubic`, else bilinear.
+  geometric ops resample bicubic where `bicubic`, else bilinear. The op's kernel is
+  chosen by `select_branch` and run on a batch of one.
   """
-  x = pil_ops.levels(image)
-  op = tf.cast(op, tf.int32)
-  level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
-  sign = tf.where(tf.cast(negate, tf.bool), tf.constant(-1.0, tf.float64),
-                  tf.constant(1.0, tf.float64))
-  kind = tf.where(tf.cast(enabled, tf.bool), tf.gather(tf.constant(_KIND), op), _IDENTITY)
-  position = tf.gather(tf.constant(_POSITION), op)
-  out = select_branch(kind, [
-      lambda: _lut_op(x, position, level),
-      lambda: _blend_op(x, position, level),
-      lambda: _affine_op(x, position, level, sign, fill, tf.cast(bicubic, tf.bool)),
-      lambda: tf.identity(x)])
-  return pil_ops._like(out, image)  # pylint: disable=protected-access
+  x = pil_ops.levels(image)[None]
+  kind, position, level, sign = _op_arguments(op, magnitude, negate, enabled)
+  arguments = [tf.reshape(a, [1]) for a in (position, level, sign, tf.cast(bicubic, tf.bool))]
+  out = select_branch(kind, [lambda kernel=kernel: kernel(x, *arguments)
+                             for kernel in _kernels(fill)])
+  return pil_ops._like(out[0], image)  # pylint: disable=protected-access
 
 
 @_graph_code
@@ -260,6 +301,28 @@ def apply_rand_augment(image, params: RandAugmentParams, fill: Sequence[int] = I
     x = apply_op(x, params.op[layer], params.magnitude[layer], params.negate[layer],
                  fill, enabled=params.apply[layer], bicubic=params.bicubic[layer])
   return pil_ops._like(x, image)  # pylint: disable=protected-access
+
+
+@_graph_code
+def apply_rand_augment_batch(images, params: RandAugmentParams,
+                             fill: Sequence[int] = IMAGENET_FILL):
+  """`apply_rand_augment` of every image of a batch [B, H, W, 3], with per-image draws
+  (`params` fields [B, layers], e.g. `rand_augment_params` stacked by `ds.batch()`).
+
+  For each layer the batch is split by op kind (LUT, blend, affine, not applied) with
+  `pil_ops.partitioned`; each kind's kernel runs once on its images, with their own
+  arguments, and the images are put back in order; images whose op is not applied
+  cost nothing. Equal to `apply_rand_augment` image by image (the kernels are the same
+  and compute each image of a batch as alone).
+  """
+  x = pil_ops.levels(images)
+  kernels = _kernels(fill)
+  for layer in range(params.op.shape[1]):
+    kind, position, level, sign = _op_arguments(params.op[:, layer], params.magnitude[:, layer],
+                                                 params.negate[:, layer], params.apply[:, layer])
+    x = pil_ops.partitioned(kind, kernels, x, position, level, sign,
+                            tf.cast(params.bicubic[:, layer], tf.bool))
+  return pil_ops._like(x, images)  # pylint: disable=protected-access
 
 
 @_graph_code
@@ -384,6 +447,18 @@ def decode_padded_random_resized_crop(image_bytes, seed, image_size: int, paddin
 # --- the whole training transform ------------------------------------------------------------
 
 
+def _chain_seeds(seed):
+  """The seeds of the chain's crop, flip, ColorJitter and RandAugment draws."""
+  return tf.unstack(split_seed(seed, 4))
+
+
+def train_rand_augment_params(seed) -> RandAugmentParams:
+  """The RandAugment draws of `train_augment(image, seed)`: with them,
+  `apply_rand_augment_batch` of a batch of `train_augment(..., use_rand_augment=False)`
+  images equals `train_augment` image by image (the batch-level form of the chain)."""
+  return rand_augment_params(_chain_seeds(seed)[3])
+
+
 def _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
                   use_rand_augment, fill):
   """flip -> ColorJitter -> RandAugment on float32 levels; uint8 out."""
@@ -406,9 +481,11 @@ def train_augment(image, seed, *, image_size: int = 224, padding: int = 4,
   see `padded_crop_window`) -> horizontal flip -> ColorJitter(x, x, x) (skipped when
   None) -> RandAugment (when `use_rand_augment`): the public ImageNet-LT chain with the
   defaults, the Places-LT chain with `use_rand_augment=False`. The colour and
-  RandAugment ops run on the 224 x 224 crop, in float32 levels.
+  RandAugment ops run on the 224 x 224 crop, in float32 levels. A tf.data pipeline
+  can instead map this with `use_rand_augment=False` and apply RandAugment after
+  `batch()` (`train_rand_augment_params`, `apply_rand_augment_batch`): same images.
   """
-  crop_seed, flip_seed, jitter_seed, augment_seed = tf.unstack(split_seed(seed, 4))
+  crop_seed, flip_seed, jitter_seed, augment_seed = _chain_seeds(seed)
   x = padded_random_resized_crop(image, crop_seed, image_size, padding)
   image = _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
                         use_rand_augment, fill)
@@ -422,7 +499,7 @@ def train_augment_encoded(image_bytes, seed, *, image_size: int = 224, padding: 
                           use_rand_augment: bool = True, fill: Sequence[int] = IMAGENET_FILL):
   """`train_augment(split_lists.decode_image(image_bytes), seed, ...)` (crop by
   `decode_padded_random_resized_crop`): the form for a tf.data pipeline over files."""
-  crop_seed, flip_seed, jitter_seed, augment_seed = tf.unstack(split_seed(seed, 4))
+  crop_seed, flip_seed, jitter_seed, augment_seed = _chain_seeds(seed)
   x = decode_padded_random_resized_crop(image_bytes, crop_seed, image_size, padding)
   image = _augment_crop(x, flip_seed, jitter_seed, augment_seed, color_jitter_strength,
                         use_rand_augment, fill)

@@ -47,6 +47,9 @@ Difficulty-Net):
   eval:  resize the shorter side to `resize_size` (256), centre crop
          `image_size` (224);
   both:  scale to [0, 1], subtract `mean` and divide by `std` (ImageNet's).
+A dataset maps the decode and transform per example and, after `batch()`, the
+normalisation per batch; with "public_imagenet" the RandAugment stage runs there too,
+per batch, on each example's own draws (`examples_dataset`).
 Batches are dicts of numpy arrays: "image" float32 [B, H, W, 3], "label"
 int32 [B], and for evaluation "mask" float32 [B].
 """
@@ -326,15 +329,17 @@ def check_augment(augment: str) -> None:
                      f"{', '.join(TRAIN_AUGMENTS)}.")
 
 
-def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = True):
+def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = True,
+                    rand_augment: bool = True):
   """Decoded uint8 image -> augmented [image_size, image_size, 3] in [0, 255] (not normalised).
 
   "crop_flip": `random_resized_crop` + horizontal flip (torchvision's ImageNet
   recipe). "public_imagenet": the public Difficulty-Net ImageNet-LT chain
   (ImageNet_Places-LT/datasets/imagenet.py:201-217): reflect-pad 4 ->
   RandomResizedCrop -> flip -> ColorJitter(0.4, 0.4, 0.4) -> RandAugment
-  rand-n2-m10-mstd0.5 (`color_randaugment.train_augment`). "public_places": the
-  same without RandAugment (its Places-LT chain).
+  rand-n2-m10-mstd0.5 (`color_randaugment.train_augment`); with `rand_augment=False`
+  it stops before RandAugment, which `examples_dataset` then applies to whole batches.
+  "public_places": the same without RandAugment (its Places-LT chain).
   """
   tf = _tf()
   check_augment(augment)
@@ -346,28 +351,44 @@ def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = 
     return image
   from dnet_jax.data import color_randaugment  # pylint: disable=g-import-not-at-top
 
-  return color_randaugment.train_augment(image, seed, image_size=image_size,
-                                         use_rand_augment=augment == "public_imagenet")
+  return color_randaugment.train_augment(
+      image, seed, image_size=image_size,
+      use_rand_augment=augment == "public_imagenet" and rand_augment)
+
+
+def decode_transform(image_bytes, seed, *, train: bool, image_size: int, resize_size: int,
+                     flip: bool = True, augment: str = "crop_flip", rand_augment: bool = True):
+  """Encoded image -> [image_size, image_size, 3] in [0, 255], before normalisation.
+
+  Training: `train_transform(augment=..., rand_augment=...)`, driven by `seed`
+  (int32/int64 [2]); evaluation: resize the shorter side to `resize_size`, centre crop
+  (seed ignored).
+  """
+  image = decode_image(image_bytes)
+  if train:
+    image = train_transform(image, seed, augment=augment, image_size=image_size, flip=flip,
+                            rand_augment=rand_augment)
+  else:
+    image = resize_center_crop(image, image_size, resize_size)
+  image.set_shape([image_size, image_size, 3])
+  return image
+
+
+def normalise(images, mean: Sequence[float], std: Sequence[float]):
+  """(images / 255 - mean) / std per channel, float32 (an image or a batch)."""
+  tf = _tf()
+  images = tf.cast(images, tf.float32) / 255.0
+  return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def preprocess(image_bytes, seed, *, train: bool, image_size: int, resize_size: int,
                mean: Sequence[float], std: Sequence[float], flip: bool = True,
                augment: str = "crop_flip"):
-  """Encoded image -> normalised float32 [image_size, image_size, 3].
-
-  Training: `train_transform(augment=...)`, driven by `seed` (int32/int64 [2]);
-  evaluation: resize the shorter side to `resize_size`, centre crop (seed ignored).
-  """
-  tf = _tf()
-  image = decode_image(image_bytes)
-  if train:
-    image = train_transform(image, seed, augment=augment, image_size=image_size, flip=flip)
-  else:
-    image = resize_center_crop(image, image_size, resize_size)
-  image = tf.cast(image, tf.float32) / 255.0
-  image = (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-  image.set_shape([image_size, image_size, 3])
-  return image
+  """Encoded image -> normalised float32 [image_size, image_size, 3]: `decode_transform`
+  (the whole training chain, RandAugment included), then `normalise`."""
+  return normalise(decode_transform(image_bytes, seed, train=train, image_size=image_size,
+                                    resize_size=resize_size, flip=flip, augment=augment),
+                   mean, std)
 
 
 def augmentation_seed(seed: int, epoch: int) -> int:
@@ -436,11 +457,21 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
                      resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD, flip: bool = True,
                      augment: str = "crop_flip", num_parallel_calls: int | None = None,
-                     prefetch: int = 2):
+                     prefetch: int = 2, batch_rand_augment: bool = True):
   """Batches of the list's examples `indices`, in that order, as a `tf.data.Dataset`.
 
   The building block of `make_dataset`, for callers that choose the examples
   themselves (e.g. slices of global batches, or sampled meta batches).
+
+  Each example is read, decoded and transformed by one parallel map
+  (`decode_transform`); after `batch()` a second map normalises the batch. With the
+  "public_imagenet" training transform and `batch_rand_augment`, the first map stops
+  before RandAugment and also yields the example's RandAugment draws
+  (`color_randaugment.train_rand_augment_params` of its seed), and the second applies
+  RandAugment to the whole batch before normalising
+  (`color_randaugment.apply_rand_augment_batch`: each op kind runs once per batch on
+  the images that drew it). The images are those of `preprocess`, example by example,
+  whatever the batching or threading.
 
   Args:
     split, image_root: the list and the directory its paths are relative to.
@@ -451,10 +482,12 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
     train: the training transform `augment` (`train_transform`); otherwise resize +
       centre crop.
     mask: float32 [n]: adds "mask" to every batch (evaluation padding); None: no mask.
+    batch_rand_augment: False applies RandAugment per example, in the first map.
     Others: as `make_dataset`.
   """
   tf = _tf()
   check_augment(augment)
+  deferred = batch_rand_augment and train and augment == "public_imagenet"
   indices = np.asarray(indices, np.int64)
   root = os.fspath(image_root)
   files = np.asarray([os.path.join(root, p) for p in split.paths[indices]], dtype=object)
@@ -464,18 +497,32 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
     columns["mask"] = np.asarray(mask, np.float32)
   ds = tf.data.Dataset.from_tensor_slices(columns)
 
+  from dnet_jax.data import color_randaugment  # pylint: disable=g-import-not-at-top
+
   def load(example):
-    out = {"image": preprocess(tf.io.read_file(example["file"]), example["seed"], train=train,
-                               image_size=image_size, resize_size=resize_size, mean=mean,
-                               std=std, flip=flip, augment=augment),
+    out = {"image": decode_transform(tf.io.read_file(example["file"]), example["seed"],
+                                     train=train, image_size=image_size,
+                                     resize_size=resize_size, flip=flip, augment=augment,
+                                     rand_augment=not deferred),
            "label": tf.cast(example["label"], tf.int32)}
+    if deferred:
+      out["rand_augment"] = color_randaugment.train_rand_augment_params(example["seed"])
     if mask is not None:
       out["mask"] = example["mask"]
     return out
 
+  def finish(batch):
+    batch = dict(batch)
+    image = batch.pop("image")
+    if deferred:
+      image = color_randaugment.apply_rand_augment_batch(image, batch.pop("rand_augment"))
+    batch["image"] = normalise(image, mean, std)
+    return batch
+
   parallel = tf.data.AUTOTUNE if num_parallel_calls is None else num_parallel_calls
   ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
   ds = ds.prefetch(prefetch)
   options = tf.data.Options()
   options.deterministic = True
