@@ -7,11 +7,11 @@ so that the cores needed to feed a device are (device images/s) / (this number).
 
 The "ImageNet-LT chain (batch B)" row times the runner's own pipeline,
 `dnet_jax.data.split_lists.examples_dataset` with data.train_augment "public_imagenet"
-(what experiments/streaming.py builds): decode, crop, flip and ColorJitter per example,
-then RandAugment and normalisation per batch of `--batch_size`
-(`color_randaugment.apply_rand_augment_batch`). The row "ImageNet-LT, RA per image"
-maps the same chain with RandAugment per image (`split_lists.preprocess`), for
-comparison. The other rows map per-example functions: `preprocess` with "crop_flip"
+(what experiments/streaming.py builds): the whole chain per example, normalisation
+per batch of `--batch_size`. The row "ImageNet-LT, RA per batch" runs RandAugment
+after `batch()` instead (`batch_rand_augment=True`,
+`color_randaugment.apply_rand_augment_batch`), for comparison. The other rows map
+per-example functions: `preprocess` with "crop_flip"
 and "public_places" (the runner's per-example work for those; it normalises per batch
 instead, the same arithmetic), and the reflect-padded crop alone, with the padded
 image never built and with the crop window decoded directly
@@ -77,12 +77,11 @@ def write_jpegs(directory: str, count: int, height: int, width: int, seed: int =
 
 
 # Rows timed as the runner's whole pipeline (`measure_pipeline_throughput`), by augment.
-PIPELINES = {"ImageNet-LT chain": "public_imagenet"}
+PIPELINES = {"ImageNet-LT chain": ("public_imagenet", False),
+             "ImageNet-LT, RA per batch": ("public_imagenet", True)}
 # Rows timed as a per-example function (`_load_fn`, `measure_throughput`).
-CHAINS = ("decode+crop+flip", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT chain",
-          "ImageNet-LT, RA per image")
-_RUNNER_AUGMENT = {"decode+crop+flip": "crop_flip", "Places-LT chain": "public_places",
-                   "ImageNet-LT, RA per image": "public_imagenet"}
+CHAINS = ("decode+crop+flip", "decode+pad+crop", "crop-decode+pad+crop", "Places-LT chain")
+_RUNNER_AUGMENT = {"decode+crop+flip": "crop_flip", "Places-LT chain": "public_places"}
 
 
 def _load_fn(chain: str, image_size: int):
@@ -133,9 +132,11 @@ def measure_throughput(paths: list[str], load, *, threads: int, repeats: int):
 
 
 def measure_pipeline_throughput(paths: list[str], augment: str, *, image_size: int,
-                                batch_size: int, threads: int, repeats: int):
+                                batch_size: int, threads: int, repeats: int,
+                                batch_rand_augment: bool = False):
   """As `measure_throughput`, for the runner's pipeline: `split_lists.examples_dataset`
-  over `paths` (training transform `augment`, batches of `batch_size`, the rest dropped)."""
+  over `paths` (training transform `augment`, batches of `batch_size`, the rest dropped;
+  RandAugment after `batch()` with `batch_rand_augment`)."""
   from dnet_jax.data import split_lists  # pylint: disable=import-outside-toplevel
 
   count = len(paths) // batch_size * batch_size
@@ -147,7 +148,7 @@ def measure_pipeline_throughput(paths: list[str], augment: str, *, image_size: i
   ds = split_lists.examples_dataset(
       split, os.path.dirname(paths[0]), indices, split_lists.augmentation_seeds(0, 0, indices),
       batch_size=batch_size, train=True, image_size=image_size, augment=augment,
-      num_parallel_calls=threads)
+      num_parallel_calls=threads, batch_rand_augment=batch_rand_augment)
   return _time_passes(ds, count // batch_size, count, threads=threads, repeats=repeats)
 
 
@@ -185,10 +186,10 @@ def main(argv):
     for chain in CHAINS:
       _print_row(chain, measure_throughput(paths, _load_fn(chain, size), threads=threads,
                                            repeats=f["repeats"]))
-    for name, augment in PIPELINES.items():
+    for name, (augment, per_batch) in PIPELINES.items():
       _print_row(f"{name} (batch {f['batch_size']})", measure_pipeline_throughput(
           paths, augment, image_size=size, batch_size=f["batch_size"], threads=threads,
-          repeats=f["repeats"]))
+          repeats=f["repeats"], batch_rand_augment=per_batch))
 
 
 def _print_row(name: str, rates) -> None:

@@ -107,7 +107,7 @@ def test_examples_dataset_batch_rand_augment_equals_the_per_image_chain(noise_li
   seeds = split_lists.augmentation_seeds(3, 1, indices)
   ds = split_lists.examples_dataset(split, root, indices, seeds, batch_size=4, train=True,
                                     image_size=24, augment="public_imagenet",
-                                    num_parallel_calls=2)
+                                    num_parallel_calls=2, batch_rand_augment=True)
   batched = np.concatenate([b["image"] for b in ds.as_numpy_iterator()])
   assert batch_shapes == [[4, 24, 24, 3]]  # traced once, on batches
   for row in (0, 3, 5):

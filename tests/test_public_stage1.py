@@ -134,7 +134,8 @@ def test_public_batches_are_the_library_chain_and_a_pure_function_of_the_step(li
 
 
 def test_the_benchmark_times_the_runners_per_example_function(tmp_path, monkeypatch):
-  """stream_augment_benchmark maps `split_lists.preprocess`, as the runner's pipeline does."""
+  """stream_augment_benchmark's per-example rows map `split_lists.preprocess` (the runner's
+  per-example transform, normalised per example instead of per batch)."""
   from experiments import stream_augment_benchmark  # pylint: disable=import-outside-toplevel
 
   seen, original = [], split_lists.preprocess

@@ -457,7 +457,7 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
                      resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
                      std: Sequence[float] = IMAGENET_STD, flip: bool = True,
                      augment: str = "crop_flip", num_parallel_calls: int | None = None,
-                     prefetch: int = 2, batch_rand_augment: bool = True):
+                     prefetch: int = 2, batch_rand_augment: bool = False):
   """Batches of the list's examples `indices`, in that order, as a `tf.data.Dataset`.
 
   The building block of `make_dataset`, for callers that choose the examples
@@ -471,7 +471,12 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
   RandAugment to the whole batch before normalising
   (`color_randaugment.apply_rand_augment_batch`: each op kind runs once per batch on
   the images that drew it). The images are those of `preprocess`, example by example,
-  whatever the batching or threading.
+  whatever the batching or threading. Per example is the default: on 2 cores the two
+  ran at the same rate within noise (`experiments/stream_augment_benchmark.py`,
+  ~63-69 images per CPU second each, batches of 16 to 128: the batched ops stream the
+  whole batch's float32 levels through memory once per op, where one image stays in
+  cache), and per-example work spreads over a many-core host with one batch in flight
+  instead of one per core.
 
   Args:
     split, image_root: the list and the directory its paths are relative to.
@@ -482,7 +487,8 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
     train: the training transform `augment` (`train_transform`); otherwise resize +
       centre crop.
     mask: float32 [n]: adds "mask" to every batch (evaluation padding); None: no mask.
-    batch_rand_augment: False applies RandAugment per example, in the first map.
+    batch_rand_augment: True applies RandAugment after `batch()` (see above); False
+      (default) per example, in the first map.
     Others: as `make_dataset`.
   """
   tf = _tf()
