@@ -311,9 +311,9 @@ def _places_npz(path):
   return path
 
 
-# ImageNet's chain (RandAugment, cosine_epoch) is the same loop and pipeline; its per-image
-# determinism is checked directly above, and one SIGKILL run (~2 min on 2 cores) is enough.
-@pytest.mark.parametrize("recipe", ["places"])
+# Both public recipes: Places (pretrained npz, new block, parameter groups) and ImageNet
+# (RandAugment in the streamed pipeline, per-epoch cosine); ~2 min each on 2 cores.
+@pytest.mark.parametrize("recipe", ["places", "imagenet"])
 def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, lists, recipe):
   npz = _places_npz(str(tmp_path / "r10.npz")) if recipe == "places" else None
   arguments = _public_overrides(lists, "run", recipe, npz)
