@@ -34,9 +34,9 @@ from dnet_jax import parallel
 from dnet_jax import steps
 from dnet_jax.data import batching
 from dnet_jax.data import split_lists
+from dnet_jax.data import tf_images
 from dnet_jax.models import build_classifier
 from dnet_jax.models import pretrained
-from experiments import datasets
 from experiments import experiment
 from experiments import sampling
 from experiments import streaming
@@ -80,7 +80,7 @@ def _eager_train_image(lists, split, index, seed, epoch):
   """The public ImageNet chain on one file, eagerly: decode, augment, normalise."""
   from dnet_jax.data import color_randaugment  # pylint: disable=import-outside-toplevel
 
-  tf = split_lists._tf()  # pylint: disable=protected-access
+  tf = tf_images.tf_module()
   with open(f"{lists['image_root']}/{split.paths[index]}", "rb") as f:
     image = split_lists.decode_image(f.read())
   seed = tf.constant([split_lists.augmentation_seed(seed, epoch), index], tf.int64)

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-from dnet_jax.data import split_lists
+from dnet_jax.data import tf_images
 from dnet_jax.data import pil_ops
 
 tf = pil_ops.tf
@@ -348,7 +348,7 @@ def padded_crop_window(height, width, seed, padding: int = 4, area_range=(0.08, 
                        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts: int = 10):
   """The RandomResizedCrop box of the reflect-padded image, as source rows and columns.
 
-  The box is `split_lists.random_resized_crop`'s, drawn for the padded shape
+  The box is `tf_images.random_resized_crop`'s, drawn for the padded shape
   (H + 2 padding, W + 2 padding); its rows r map to original rows reflect(r - padding)
   (`_reflect`), so the padded image is never built and only the part of the original
   under the box needs decoding. Returns int32 `rows`, `cols`.
@@ -387,7 +387,7 @@ def _take(image, rows, cols, top=0, left=0):
 
 
 def _resize_levels(crop, image_size: int):
-  """Bilinear antialiased resize (as `split_lists.random_resized_crop`), rounded to
+  """Bilinear antialiased resize (as `tf_images.random_resized_crop`), rounded to
   integer float32 levels."""
   resized = tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=True)
   return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
@@ -396,7 +396,7 @@ def _resize_levels(crop, image_size: int):
 @_graph_code
 def padded_random_resized_crop(image, seed, image_size: int, padding: int = 4):
   """reflect-pad `padding` -> RandomResizedCrop `image_size` on a decoded image, as float32
-  levels (equal to `reflect_pad` then `split_lists.random_resized_crop`, rounded)."""
+  levels (equal to `reflect_pad` then `tf_images.random_resized_crop`, rounded)."""
   shape = tf.shape(image)
   rows, cols = padded_crop_window(shape[0], shape[1], seed, padding)
   return _resize_levels(_take(image, rows, cols), image_size)
@@ -432,7 +432,7 @@ def decode_padded_random_resized_crop(image_bytes, seed, image_size: int, paddin
     return _take(crop, rows, cols, top, left)
 
   def decoded():
-    image = split_lists.decode_image(image_bytes)
+    image = tf_images.decode_image(image_bytes)
     shape = tf.shape(image)
     return _take(image, *padded_crop_window(shape[0], shape[1], seed, padding))
 
@@ -477,7 +477,7 @@ def train_augment(image, seed, *, image_size: int = 224, padding: int = 4,
                   fill: Sequence[int] = IMAGENET_FILL):
   """uint8 [H, W, 3] -> augmented uint8 [image_size, image_size, 3], before normalisation.
 
-  reflect-pad `padding` -> RandomResizedCrop (the box of `split_lists.random_resized_crop`,
+  reflect-pad `padding` -> RandomResizedCrop (the box of `tf_images.random_resized_crop`,
   see `padded_crop_window`) -> horizontal flip -> ColorJitter(x, x, x) (skipped when
   None) -> RandAugment (when `use_rand_augment`): the public ImageNet-LT chain with the
   defaults, the Places-LT chain with `use_rand_augment=False`. The colour and
@@ -497,7 +497,7 @@ def train_augment(image, seed, *, image_size: int = 224, padding: int = 4,
 def train_augment_encoded(image_bytes, seed, *, image_size: int = 224, padding: int = 4,
                           color_jitter_strength: float | None = 0.4,
                           use_rand_augment: bool = True, fill: Sequence[int] = IMAGENET_FILL):
-  """`train_augment(split_lists.decode_image(image_bytes), seed, ...)` (crop by
+  """`train_augment(tf_images.decode_image(image_bytes), seed, ...)` (crop by
   `decode_padded_random_resized_crop`): the form for a tf.data pipeline over files."""
   crop_seed, flip_seed, jitter_seed, augment_seed = _chain_seeds(seed)
   x = decode_padded_random_resized_crop(image_bytes, crop_seed, image_size, padding)

@@ -41,6 +41,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dnet_jax.data import split_lists
+from dnet_jax.data import tf_images
 
 NAME = "imagenet_lt"
 NUM_CLASSES = 1000
@@ -119,7 +120,7 @@ def make_dataset(split: str, data_dir: str | os.PathLike, *, batch_size: int, tr
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  tf = split_lists._tf()  # pylint: disable=protected-access
+  tf = tf_images.tf_module()
   data_dir = os.fspath(data_dir)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -198,7 +199,7 @@ def meta_dataset(data_dir: str | os.PathLike, *, batch_size: int, num_batches: i
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  tf = split_lists._tf()  # pylint: disable=protected-access
+  tf = tf_images.tf_module()
   data_dir = os.fspath(data_dir)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top

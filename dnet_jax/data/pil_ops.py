@@ -44,10 +44,10 @@ import functools
 import math
 from typing import Sequence
 
-from dnet_jax.data import split_lists
+from dnet_jax.data import tf_images
 
 # TensorFlow with the accelerators hidden from it (JAX owns them).
-tf = split_lists._tf()  # pylint: disable=protected-access
+tf = tf_images.tf_module()
 
 # ITU-R 601-2 luma in Pillow's fixed point (Convert.c, "L24"): weights / 2^16.
 _LUMA_WEIGHTS = (19595, 38470, 7471)

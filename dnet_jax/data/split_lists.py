@@ -63,6 +63,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dnet_jax.data.batching import epoch_permutation
+from dnet_jax.data.tf_images import decode_image, random_resized_crop, resize_center_crop
+from dnet_jax.data.tf_images import tf_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -267,57 +269,6 @@ def shard_indices(num_examples: int, batch_size: int, *, train: bool, seed: int 
 # --- TensorFlow transforms --------------------------------------------------------------------
 
 
-def _tf():
-  """TensorFlow, imported on first use, with GPUs hidden (JAX owns the accelerators)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # already initialised: devices can no longer change
-    pass
-  return tf
-
-
-def decode_image(image_bytes):
-  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3] (grey and CMYK converted)."""
-  tf = _tf()
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
-
-
-def random_resized_crop(image, seed, image_size: int, area_range=(0.08, 1.0),
-                        aspect_ratio_range=(3 / 4, 4 / 3), max_attempts: int = 10):
-  """Inception-style crop (torchvision `RandomResizedCrop`) with a stateless seed [2].
-
-  Samples a box covering `area_range` of the image with an aspect ratio in
-  `aspect_ratio_range` (whole image if no box is found in `max_attempts`),
-  then resizes it to `image_size` x `image_size` (bilinear, antialiased).
-  """
-  tf = _tf()
-  shape = tf.shape(image)
-  whole = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      shape, bounding_boxes=whole, seed=seed, min_object_covered=0.0,
-      aspect_ratio_range=aspect_ratio_range, area_range=area_range,
-      max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
-  crop = tf.slice(image, begin, size)
-  return tf.image.resize(crop, [image_size, image_size], method="bilinear", antialias=True)
-
-
-def resize_center_crop(image, image_size: int, resize_size: int):
-  """Resize the shorter side to `resize_size`, then crop the central `image_size` square."""
-  tf = _tf()
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = resize_size / tf.minimum(shape[0], shape[1])
-  new_hw = tf.cast(tf.round(shape * scale), tf.int32)
-  new_hw = tf.maximum(new_hw, resize_size)  # guard against rounding below the target
-  image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-  top = (new_hw[0] - image_size) // 2
-  left = (new_hw[1] - image_size) // 2
-  return tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
-
-
 # Training transforms by name (`preprocess(augment=...)`, `data.train_augment` in the runner).
 TRAIN_AUGMENTS = ("crop_flip", "public_imagenet", "public_places")
 
@@ -341,7 +292,7 @@ def train_transform(image, seed, *, augment: str, image_size: int, flip: bool = 
   it stops before RandAugment, which `examples_dataset` then applies to whole batches.
   "public_places": the same without RandAugment (its Places-LT chain).
   """
-  tf = _tf()
+  tf = tf_module()
   check_augment(augment)
   if augment == "crop_flip":
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -376,7 +327,7 @@ def decode_transform(image_bytes, seed, *, train: bool, image_size: int, resize_
 
 def normalise(images, mean: Sequence[float], std: Sequence[float]):
   """(images / 255 - mean) / std per channel, float32 (an image or a batch)."""
-  tf = _tf()
+  tf = tf_module()
   images = tf.cast(images, tf.float32) / 255.0
   return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
@@ -491,7 +442,7 @@ def examples_dataset(split: SplitList, image_root: str | os.PathLike, indices: n
       (default) per example, in the first map.
     Others: as `make_dataset`.
   """
-  tf = _tf()
+  tf = tf_module()
   check_augment(augment)
   deferred = batch_rand_augment and train and augment == "public_imagenet"
   indices = np.asarray(indices, np.int64)
