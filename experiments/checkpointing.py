@@ -58,20 +58,21 @@ from __future__ import annotations
 
 import errno
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 import dnet_jax
+from experiments.checkpoint_records import (FORMAT_VERSION, compatibility_problems, loop_digest,
+                                            non_finite_arrays, shapes_fingerprint,
+                                            state_digests, state_shapes)
 from experiments.errors import CheckpointError, NonFiniteError
 
 _STATE = "state"
@@ -79,15 +80,12 @@ _LOOP = "loop"
 _META = "meta"
 _DIGESTS = "digests"  # checksums, written off the training thread: digests/<step>.json
 ITEMS = (_STATE, _LOOP, _META)
-FORMAT_VERSION = 3
 # Files orbax 0.12.8 writes into a step directory just before renaming it into place.
 _ORBAX_COMMIT_FILE = "commit_success.txt"
 _ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
 LOOP_DIGEST_SUFFIX = "-loop.json"  # digests/<step>-loop.json: {"sha256": <the loop record's>}
 # Free space a run needs at start-up (a checkpoint also needs twice its state's size: `save`).
 MIN_FREE_BYTES = 64 * 2**20
-# The fields of the meta record that must equal the resuming run's.
-IDENTITY_FIELDS = ("model", "num_classes", "method", "image_shape")
 
 
 def abstract_like(tree):
@@ -103,95 +101,6 @@ def abstract_like(tree):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(leaf, tree)
-
-
-# ---------------------------------------------------------------------------- the meta record
-
-
-def _leaves_with_names(tree) -> list[tuple[str, Any]]:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]
-
-
-def state_shapes(tree) -> list[list]:
-  """[[name, shape, dtype], ...] of every array of a state (arrays or ShapeDtypeStructs)."""
-  return [[name, [int(d) for d in np.shape(leaf)], str(np.dtype(leaf.dtype))]
-          for name, leaf in _leaves_with_names(tree)]
-
-
-def shapes_fingerprint(shapes: Sequence[Sequence]) -> str:
-  """A short hash of `state_shapes`: equal iff the two states have the same arrays."""
-  return hashlib.sha256(json.dumps(list(shapes)).encode()).hexdigest()[:16]
-
-
-def _array_digest(x: np.ndarray) -> str:
-  x = np.ascontiguousarray(x)
-  h = hashlib.sha256(f"{x.dtype.str}{x.shape}".encode())
-  h.update(x.tobytes())
-  return h.hexdigest()
-
-
-def state_digests(host_state) -> dict[str, str]:
-  """{array name: SHA-256 of its dtype, shape and bytes} of a state already on the host."""
-  return {name: _array_digest(np.asarray(leaf)) for name, leaf in _leaves_with_names(host_state)}
-
-
-@jax.jit
-def _non_finite_flags(tree):
-  def flags(x):
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-      return jnp.zeros((2,), bool)
-    return jnp.stack([jnp.any(jnp.isnan(x)), jnp.any(jnp.isinf(x))])
-  return jax.tree.map(flags, tree)
-
-
-def non_finite_arrays(state) -> list[str]:
-  """Names of the floating-point arrays of a state that hold a NaN or an Inf (checked on
-  the device: one small transfer)."""
-  flags = jax.device_get(_non_finite_flags(state))
-  bad = []
-  for name, (nan, inf) in _leaves_with_names(flags):
-    kinds = [k for k, f in (("nan", nan), ("inf", inf)) if f]
-    if kinds:
-      bad.append(f"{name} ({' and '.join(kinds)})")
-  return bad
-
-
-def run_identity(*, model: str, num_classes: int, method: str, image_shape, abstract_state) -> dict:
-  """What a checkpoint must match to be resumed by a run: the fields of `IDENTITY_FIELDS`
-  and the shapes of the state's arrays (`abstract_state`: e.g. from `jax.eval_shape`)."""
-  shapes = state_shapes(abstract_state)
-  return {"model": str(model), "num_classes": int(num_classes), "method": str(method),
-          "image_shape": [int(d) for d in image_shape], "state_shapes": shapes,
-          "state_fingerprint": shapes_fingerprint(shapes)}
-
-
-def compatibility_problems(saved: dict, expected: dict) -> list[str]:
-  """Human-readable differences between a checkpoint's meta record and a run's identity."""
-  problems = []
-  if saved.get("format") != FORMAT_VERSION:
-    problems.append(f"checkpoint format {saved.get('format')!r} (this runner reads "
-                    f"{FORMAT_VERSION})")
-  for field in IDENTITY_FIELDS:
-    if field in expected and saved.get(field) != expected[field]:
-      problems.append(f"{field}: {saved.get(field)!r} in the checkpoint, {expected[field]!r} now")
-  if (not problems and "state_fingerprint" in expected
-      and saved.get("state_fingerprint") != expected["state_fingerprint"]):
-    old = {name: (shape, dtype) for name, shape, dtype in saved.get("state_shapes", [])}
-    new = {name: (shape, dtype) for name, shape, dtype in expected["state_shapes"]}
-    diffs = [f"{name}: {old[name][0]} {old[name][1]} -> {new[name][0]} {new[name][1]}"
-             for name in new if name in old and old[name] != new[name]]
-    diffs += [f"{name} is new" for name in new if name not in old]
-    diffs += [f"{name} is gone" for name in old if name not in new]
-    problems.append("the state's arrays differ (" + "; ".join(diffs[:5])
-                    + ("; ..." if len(diffs) > 5 else "") + ")")
-  return problems
-
-
-def loop_digest(loop: dict) -> str:
-  """SHA-256 of a loop record as JSON with sorted keys (what orbax's JsonSave round-trips)."""
-  canonical = json.dumps(json.loads(json.dumps(loop)), sort_keys=True, allow_nan=True)
-  return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _nbytes(tree) -> int:
@@ -376,7 +285,7 @@ class Checkpointer:
 
   def check_compatible(self, step: int, expected: dict) -> dict[str, Any]:
     """Raises CheckpointError unless checkpoint `step` belongs to a run with identity `expected`
-    (see `run_identity`); returns its meta record. Warns if dnet_jax's version differs."""
+    (see `checkpoint_records.run_identity`); returns its meta record. Warns if dnet_jax's version differs."""
     meta = self.read_meta(step)
     problems = compatibility_problems(meta, expected)
     if problems:

@@ -25,7 +25,7 @@ from dnet_jax import steps
 from dnet_jax.apply import init_classifier
 from dnet_jax.models import build_classifier
 from dnet_jax.state import create_train_state
-from experiments import checkpointing
+from experiments import checkpoint_records
 from experiments import errors
 from experiments import methods
 from experiments import pretrained_init
@@ -57,7 +57,7 @@ class Experiment:
     refresh: (state, class accuracy a) -> state, at every epoch end (and before the
       first step when `refresh_at` is "epoch_start").
     describe: (state, a) -> what an evaluation record adds (difficulty, class weights, ...).
-    identity: what a checkpoint must match to be resumed (`checkpointing.run_identity`).
+    identity: what a checkpoint must match to be resumed (`checkpoint_records.run_identity`).
     non_finite_advice: what to change after a NaN/Inf.
     refresh_at: "epoch_end" or "epoch_start" (`config.refresh_at`; the loop reads it).
   """
@@ -260,7 +260,7 @@ def build(config, dataset) -> Experiment:
       schedule_fields=_schedule_fields(config, spe), abstract_state=abstract_state,
       init_state=init_state, train_step=train_step, eval_step=eval_step,
       refresh=_replicated_refresh, describe=describe,
-      identity=checkpointing.run_identity(
+      identity=checkpoint_records.run_identity(
           model=config.model, num_classes=num_classes, method=method.name,
           image_shape=dataset.image_shape, abstract_state=abstract_state),
       non_finite_advice=advice, refresh_at=str(config.get("refresh_at", "epoch_end")))
@@ -376,7 +376,7 @@ def build_stage2(config, dataset, params, batch_stats) -> Experiment:
       init_state=lambda: jax.jit(make_state)(key, params, batch_stats),
       train_step=train_step, eval_step=eval_step, refresh=lambda state, a: state,
       describe=describe,
-      identity=checkpointing.run_identity(model=config.model, num_classes=num_classes,
+      identity=checkpoint_records.run_identity(model=config.model, num_classes=num_classes,
                                           method=name, image_shape=dataset.image_shape,
                                           abstract_state=abstract_state),
       non_finite_advice=f"Lower stage2.learning_rate (now {s.learning_rate})")

@@ -30,6 +30,7 @@ from absl import logging
 from dnet_jax import parallel
 from dnet_jax import stage2 as s2
 from dnet_jax.models import MODEL_NAMES
+from experiments import checkpoint_records
 from experiments import checkpointing
 from experiments import datasets
 from experiments import errors
@@ -190,7 +191,7 @@ def restore_stage1(stage1_workdir: str, stage1_results: dict, dataset,
     if step is None:
       raise errors.InvalidInputError(f"No complete checkpoint in {directory}; run stage 1 to the "
                                      "end first.")
-    problems = checkpointing.compatibility_problems(checkpointer.read_meta(step), stage1.identity)
+    problems = checkpoint_records.compatibility_problems(checkpointer.read_meta(step), stage1.identity)
     if problems:
       raise errors.CheckpointError(
           f"The stage-1 checkpoint {checkpointer.step_path(step)} is not the network that "
