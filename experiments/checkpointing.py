@@ -284,8 +284,9 @@ class Checkpointer:
           f"{_first_line(e)}. {self._advice(step)}") from e
 
   def check_compatible(self, step: int, expected: dict) -> dict[str, Any]:
-    """Raises CheckpointError unless checkpoint `step` belongs to a run with identity `expected`
-    (see `checkpoint_records.run_identity`); returns its meta record. Warns if dnet_jax's version differs."""
+    """Raises CheckpointError unless checkpoint `step` belongs to a run with identity
+    `expected` (`checkpoint_records.run_identity`); returns its meta record. Warns if
+    dnet_jax's version differs."""
     meta = self.read_meta(step)
     problems = compatibility_problems(meta, expected)
     if problems:
