@@ -37,3 +37,10 @@ def eight_device_results():
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
   return json.loads(line[len("RESULTS "):])
+
+
+@pytest.fixture(scope="session")
+def child_compilation_cache(tmp_path_factory):
+  """A directory for JAX's persistent compilation cache of this session's child runs
+  (tests/test_resume.py `_env`): a rerun loads the programs its reference run compiled."""
+  return str(tmp_path_factory.mktemp("child_jax_cache"))
