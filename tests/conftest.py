@@ -9,6 +9,27 @@ import jax
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in a directory of this session.
+
+  Many whole-run tests compile the same programs (the digits config's steps, the same
+  stage-1 run resumed or damaged in several tests); jit caches per function object, so
+  each new run would compile them again. The cache key holds the program and the compile
+  options (XLA's optimisation level included), so a hit is the same executable.
+  Compilations under 0.3 s (eager ops) are not written.
+  """
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: jax.config.values[name] for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+
+
 @pytest.fixture
 def fast_compilation():
   """Whole runs are dominated by XLA compile time on CPU: skip most optimisations.
