@@ -1,11 +1,14 @@
 """Worker for test_mesh.py: 8 fake CPU devices, x64 enabled.
 
 1. jax.jit + NamedSharding over a 1-D mesh (`sharded_train_step`, no axis name) equals
-   one device and equals pmap with synchronised BatchNorm (float64, two steps).
+   one device and equals pmap with synchronised BatchNorm (float64, two steps); pmap's
+   train and eval steps against one device are also reported in test_parallel.py's terms
+   (its synchronised-BatchNorm cases, computed here once for both files).
 2. The README's pmap and mesh recipes run as written, accuracy refresh included.
-3. The chex.variants step test of test_model_errors.py, whose pmap variant needs devices.
+3. The pmap variant of test_model_errors.py's chex.variants step test (it needs devices).
 4. An Equinox model with BatchNorm state: the mesh step equals one device; pmap runs.
-Prints one line "RESULTS {json}".
+Run alone it prints one line "RESULTS {json}"; tests/eight_device_worker.py runs it
+together with pmap_equivalence_worker.py in one process.
 """
 
 import json
@@ -36,6 +39,18 @@ def max_rel_diff(a, b):
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-300))
 
 
+def max_leaf_rel_diff(a, b):
+  """The largest relative difference of one array of `a` from its counterpart in `b`."""
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+                                          / (np.max(np.abs(np.asarray(y))) + 1e-300)), a, b)
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def max_leaf_abs_diff(a, b):
+  return float(max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b))))
+
+
 def equivalence(mode: str) -> dict:
   single_model = TinyConvNet(C, use_batchnorm=True, param_dtype=jnp.float64)
   pmap_model = TinyConvNet(C, use_batchnorm=True, param_dtype=jnp.float64,
@@ -58,8 +73,16 @@ def equivalence(mode: str) -> dict:
   sp, mp = dj.unreplicate(sp), dj.unreplicate(mp)
   eval_single = dj.jit_eval_step(model=single_model)(s1, batch)
   eval_mesh = dj.sharded_eval_step(mesh, model=single_model)(sm, dj.shard_global_batch(batch, mesh))
+  eval_pmap = dj.unreplicate(dj.pmap_eval_step(model=pmap_model)(dj.replicate(sp),
+                                                                 dj.shard_batch(batch)))
   fields = ("params", "dnet_params", "batch_stats")
   return {
+      # test_parallel.py's synced_batchnorm case: its keys, per-array relative differences.
+      "pmap_vs_single": {f: max_leaf_rel_diff(getattr(sp, f), getattr(s1, f)) for f in fields}
+                        | {"metrics": max_leaf_rel_diff(mp, m1),
+                           "eval_counts": max_leaf_rel_diff(eval_pmap, eval_single),
+                           "dnet_moved": max_leaf_abs_diff(s1.dnet_params, state.dnet_params),
+                           "devices": jax.local_device_count()},
       "mesh_vs_single": {f: max_rel_diff(getattr(sm, f), getattr(s1, f)) for f in fields}
                         | {"metrics": max_rel_diff(mm, m1), "eval": max_rel_diff(eval_mesh, eval_single)},
       "mesh_vs_pmap": {f: max_rel_diff(getattr(sm, f), getattr(sp, f)) for f in fields}
@@ -142,17 +165,25 @@ def readme_recipe(heading: str) -> dict:
 
 
 def chex_variants() -> dict:
+  """The pmap variant only: the jit and un-jitted ones run in the main pytest process, where
+  the pmap one is skipped (one device)."""
   import test_model_errors
-  suite = unittest.defaultTestLoader.loadTestsFromTestCase(test_model_errors.TrainStepVariantsTest)
+  case = test_model_errors.TrainStepVariantsTest
+  names = [n for n in unittest.defaultTestLoader.getTestCaseNames(case) if n.endswith("pmap")]
+  suite = unittest.TestSuite(case(n) for n in names)
   result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2).run(suite)
   return {"run": result.testsRun, "failures": len(result.failures) + len(result.errors),
-          "skipped": len(result.skipped)}
+          "skipped": len(result.skipped), "names": names}
 
 
-if __name__ == "__main__":
+def all_results() -> dict:
   results = {f"equivalence/{mode}": equivalence(mode) for mode in ("nested", "jvp")}
   results["readme_pmap"] = readme_recipe("### Several devices: pmap")
   results["readme_mesh"] = readme_recipe("### Several devices or hosts: `jax.jit` over a mesh")
   results["chex_variants"] = chex_variants()
   results["equinox"] = equinox_devices()
-  print("RESULTS " + json.dumps(results))
+  return results
+
+
+if __name__ == "__main__":
+  print("RESULTS " + json.dumps(all_results()))

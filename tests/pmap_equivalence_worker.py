@@ -2,7 +2,9 @@
 
 Runs one train step under `jax.pmap` over 8 devices on a global batch and the
 same step on one device (jit) on the whole batch, and prints the largest
-relative differences as JSON.
+relative differences as JSON. tests/eight_device_worker.py runs it together with
+mesh_equivalence_worker.py in one process (which computes the synchronised-BatchNorm
+cases once for both).
 """
 
 import json
@@ -71,8 +73,11 @@ def run(case: str, mode: str):
   }
 
 
-if __name__ == "__main__":
-  results = {f"{case}/{mode}": run(case, mode)
-             for case in ("no_batchnorm", "synced_batchnorm") for mode in ("nested", "jvp")}
+def all_results(cases=("no_batchnorm", "synced_batchnorm")) -> dict:
+  results = {f"{case}/{mode}": run(case, mode) for case in cases for mode in ("nested", "jvp")}
   results["per_device_batchnorm/nested"] = run("per_device_batchnorm", "nested")
-  print("RESULTS " + json.dumps(results))
+  return results
+
+
+if __name__ == "__main__":
+  print("RESULTS " + json.dumps(all_results()))

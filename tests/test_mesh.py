@@ -1,29 +1,18 @@
-"""On 8 fake CPU devices (one subprocess): jit + NamedSharding equals one device and pmap
-with synchronised BatchNorm (float64); the README's pmap and mesh recipes run as written;
-the chex.variants step test runs its pmap variant. Plus single-process checks of pad_batch."""
-
-import json
-import os
-import subprocess
-import sys
+"""On 8 fake CPU devices (one subprocess, shared with test_parallel.py): jit + NamedSharding
+equals one device and pmap with synchronised BatchNorm (float64); the README's pmap and mesh
+recipes run as written; the chex.variants step test runs its pmap variant. Plus
+single-process checks of pad_batch."""
 
 import numpy as np
 import pytest
 
 import dnet_jax as dj
 
-HERE = os.path.dirname(__file__)
-
 
 @pytest.fixture(scope="module")
-def results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "mesh_equivalence_worker.py")],
-                        env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
-  return json.loads(line[len("RESULTS "):])
+def results(eight_device_results):
+  """mesh_equivalence_worker.py's results (run with test_parallel.py's: tests/conftest.py)."""
+  return eight_device_results["mesh"]
 
 
 @pytest.mark.parametrize("mode", ["nested", "jvp"])
@@ -46,8 +35,9 @@ def test_readme_multi_device_recipes_run_as_written(results, recipe, shape):
 
 
 def test_chex_variants_pmap_ran(results):
-  r = results["chex_variants"]
-  assert r == {"run": 3, "failures": 0, "skipped": 0}, r
+  r = results["chex_variants"]  # its jit and un-jitted variants run in tests/test_model_errors.py
+  assert r == {"run": 1, "failures": 0, "skipped": 0, "names": [
+      "test_classifier_update_is_sgd_on_the_weighted_loss_of_the_new_weights__with_pmap"]}, r
 
 
 def test_equinox_on_devices(results):

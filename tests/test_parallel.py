@@ -1,28 +1,17 @@
 """pmap over 8 fake CPU devices equals one device on the same global batch (float64)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import dnet_jax as dj
 from dnet_jax import parallel
 
-HERE = os.path.dirname(__file__)
-
 
 @pytest.fixture(scope="module")
-def pmap_results():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "pmap_equivalence_worker.py")],
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
-  return json.loads(line[len("RESULTS "):])
+def pmap_results(eight_device_results):
+  """pmap_equivalence_worker.py's results (one process with test_mesh.py's: tests/conftest.py;
+  the synchronised-BatchNorm cases come from mesh_equivalence_worker.equivalence)."""
+  return eight_device_results["pmap"]
 
 
 @pytest.mark.parametrize("case", ["no_batchnorm/nested", "no_batchnorm/jvp",

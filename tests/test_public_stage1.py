@@ -291,7 +291,7 @@ def _public_overrides(lists, workdir_name, recipe, npz_path=None):
 class PublicChild(Child):
   """tests/test_resume.py's child process, running a public recipe instead of digits."""
 
-  def __init__(self, workdir, name: str, arguments):
+  def __init__(self, workdir, name: str, arguments, compilation_cache: str = ""):
     import subprocess  # pylint: disable=import-outside-toplevel
     from tests import test_resume  # pylint: disable=import-outside-toplevel
 
@@ -299,8 +299,9 @@ class PublicChild(Child):
     self.log_path = f"{workdir}.{name}.log"
     command = [test_resume.sys.executable, "-m", "experiments.train", f"--workdir={workdir}",
                *arguments]
+    env = test_resume._env(compilation_cache)  # pylint: disable=protected-access
     with open(self.log_path, "w") as log:
-      self.proc = subprocess.Popen(command, cwd=test_resume.REPO, env=test_resume._env(),  # pylint: disable=protected-access
+      self.proc = subprocess.Popen(command, cwd=test_resume.REPO, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -314,10 +315,13 @@ def _places_npz(path):
 # Both public recipes: Places (pretrained npz, new block, parameter groups) and ImageNet
 # (RandAugment in the streamed pipeline, per-epoch cosine); ~2 min each on 2 cores.
 @pytest.mark.parametrize("recipe", ["places", "imagenet"])
-def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, lists, recipe):
+def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, lists, recipe,
+                                                                     child_compilation_cache):
   npz = _places_npz(str(tmp_path / "r10.npz")) if recipe == "places" else None
   arguments = _public_overrides(lists, "run", recipe, npz)
-  reference = PublicChild(tmp_path / "reference", "reference", arguments)
+  # The rerun loads the reference's compiled programs (the killed child writes no cache).
+  reference = PublicChild(tmp_path / "reference", "reference", arguments,
+                          child_compilation_cache)
   killed = PublicChild(tmp_path / "killed", "killed", arguments)
   try:
     seen = killed.wait_for_checkpoint(min_step=2, timeout=RUN_TIMEOUT_S)
@@ -332,7 +336,7 @@ def test_public_recipe_killed_then_rerun_equals_an_uninterrupted_run(tmp_path, l
   left = killed.checkpoints()
   assert seen <= left[-1] < TOTAL_STEPS, left
 
-  rerun = PublicChild(tmp_path / "killed", "rerun", arguments)
+  rerun = PublicChild(tmp_path / "killed", "rerun", arguments, child_compilation_cache)
   try:
     assert rerun.wait(RUN_TIMEOUT_S) == 0, rerun.output()[-3000:]
   finally:

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from experiments import reproduce
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
+# Mocked CIFAR-100: every class PER_CLASS[split] times. Train: 2 meta images per class, then
+# a pool of 10, so n_max = 10 and rho = 10 leaves int(10 / 10) = 1 image in the tail class.
+PER_CLASS = {"train": 12, "test": 1}
+
+
+def _balanced_cifar100(self, split, **kwargs):
+  """`FileReaderBuilder._as_dataset` for `tfds.testing.mock_data`: random images with
+  balanced labels (the default mock draws labels at random, so every class of 100 needs
+  ~2,500 examples per split to hold 12 of them)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  del self, kwargs
+  per_class = PER_CLASS[str(split)]
+  rng = np.random.default_rng(per_class)
+  images = rng.integers(0, 256, (100 * per_class, 32, 32, 3), dtype=np.uint8)
+  labels = np.tile(np.arange(100, dtype=np.int64), per_class)
+  return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
 
 def test_reproduce_writes_the_paper_number_beside_ours(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  tiny = {"model": "small_cnn", "batch_size": 16, "meta_batch_size": 10, "eval_batch_size": 1000,
+  tiny = {"model": "small_cnn", "batch_size": 16, "meta_batch_size": 10, "eval_batch_size": 200,
           "data.meta_per_class": 2, "dnet.hidden": (8, 8), "host_workers": 2,
           "log_every_steps": 1}
   (tmp_path / "tfds").mkdir()
-  with tfds.testing.mock_data(num_examples=2500):
+  with tfds.testing.mock_data(as_dataset_fn=_balanced_cifar100):
     payload = reproduce.run_reproduce(
         "cifar100", str(tmp_path / "grid"), data_dir=str(tmp_path / "tfds"), seeds=(0,),
         imbalance_factors=(10,), num_epochs=1, stage2_epochs=1, max_steps=2, overrides=tiny,
@@ -45,6 +63,11 @@ def test_reproduce_writes_the_paper_number_beside_ours(tmp_path):
   assert results["stage2"]["sampler"] == "class_aware"
   assert results["stage2"]["init_checkpoint"] == "best_val"
   assert results["config"]["host_transform"] == "public_cifar"
+  # The stage-1 runs trained on the long-tailed split of the mocked set.
+  stage1 = __import__("json").load(open(os.path.join(
+      tmp_path / "grid", "rho10", "dnet", "seed0", "results.json"), encoding="utf-8"))
+  counts = stage1["data"]["class_counts"]
+  assert (counts[0], counts[-1], stage1["data"]["num_test"]) == (10, 1, 100)
 
 
 def _fabricated_row(key, rho, final, best_val, max_test):
