@@ -136,8 +136,10 @@ def test_split_list_config_runs_a_step(tmp_path, lists, narrow_models):
   check_results(trainer.train_and_evaluate(config, str(tmp_path / "run")), config)
 
 
-# The public recipe's surgery is the same at every depth: ResNet-50 compiles 3x faster.
-@pytest.mark.parametrize("module,depth,layers", [(places_lt, "resnet152", 400),
+# Both run at ResNet-50, which compiles 3x faster than ResNet-152; the loading is the same at
+# every depth, and ResNet-152's own keys (10+ blocks per stage: stage3_block1 vs
+# stage3_block10) are loaded without compiling in the test below.
+@pytest.mark.parametrize("module,depth,layers", [(places_lt, "resnet50", 120),
                                                  (places_lt_public, "resnet50", 120)],
                          ids=["ours", "public"])
 def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow_models, module,
@@ -184,6 +186,36 @@ def test_places_lt_config_starts_from_pretrained_weights(tmp_path, lists, narrow
     assert not np.array_equal(kernel, loaded["params/stage4_block2/conv2/kernel"])
   else:
     assert not any(k.startswith("params/extra_block/") for k in saved)
+
+
+@pytest.mark.parametrize("model,dropped", [("resnet152", ()),
+                                           ("resnet152_places", ("stage4_block3",))])
+def test_resnet152_pretrained_keys_load_one_to_one(tmp_path, model, dropped):
+  """Every ResNet-152 array of the file lands on the array of the same name (36 blocks in
+  stage 3: a prefix match of stage3_block1 against stage3_block10 would mix them up); the
+  Places surgery drops layer4's last block and keeps the new block and the cosine head at
+  their initial values. Eval-shaped variables, nothing compiled."""
+  path = str(tmp_path / "r152.npz")
+  pretrained.save_variables_npz(
+      path, random_variables(build_classifier("resnet152", 10, width=WIDTH), seed=123))
+  target = random_variables(build_classifier(model, NUM_CLASSES, width=WIDTH), seed=5)
+  new = ("extra_block",) if model == "resnet152_places" else ()
+  params, stats, _ = pretrained.load_pretrained(
+      path, target["params"], target["batch_stats"], new_names=new, dropped_names=dropped)
+  saved = pretrained.flatten_variables({"params": params, "batch_stats": stats})
+  initial = pretrained.flatten_variables(target)
+  loaded = pretrained.read_npz(path)
+  kept_initial = ("params/classifier/", *[f"{c}/{n}/" for n in new
+                                          for c in ("params", "batch_stats")])
+  body = [k for k in saved if not k.startswith(kept_initial)]
+  assert len([k for k in body if k.startswith("params/stage3_block")]) > 36 * 6
+  for key in body:
+    np.testing.assert_array_equal(saved[key], loaded[key], err_msg=key)
+  for key in (k for k in saved if k.startswith(kept_initial)):
+    np.testing.assert_array_equal(saved[key], initial[key], err_msg=key)
+  assert any(k.startswith("params/extra_block/") for k in saved) == bool(new)
+  if dropped:
+    assert not any(k.startswith("params/stage4_block3/") for k in saved)
 
 
 def test_load_into_state_reinitialises_a_head_of_another_shape(tmp_path):
