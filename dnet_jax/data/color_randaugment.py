@@ -15,10 +15,11 @@ image) and `train_augment_encoded` (file bytes) run the whole chain.
 
 RandAugment has two forms with the same results. `apply_rand_augment` augments one
 image, choosing each layer's kernel with `select_branch`; `apply_rand_augment_batch`
-augments a batch with per-image draws (a tf.data pipeline maps the rest of the chain
-and `train_rand_augment_params` per example, then this after `batch()`: see
-`split_lists.examples_dataset`), splitting each layer's batch by op kind so that
-each kernel runs once per batch. The kernels (`_lut_ops`, `_blend_ops`,
+augments a batch with per-image draws (with `split_lists.examples_dataset(
+batch_rand_augment=True)` a tf.data pipeline maps the rest of the chain and
+`train_rand_augment_params` per example, then this after `batch()`; per example is
+that function's default), splitting each layer's batch by op kind so that each kernel
+runs once per batch. The kernels (`_lut_ops`, `_blend_ops`,
 `_affine_ops`, on the batch-capable building blocks of `pil_ops`) compute every image
 of a batch as alone, so the two forms agree bit for bit.
 
