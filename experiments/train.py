@@ -102,6 +102,32 @@ def _log_to_workdir(workdir: str) -> py_logging.Handler | None:
   return handler
 
 
+def _log_cleanup_errors(workdir: str) -> None:
+  """Routes exceptions raised while objects are finalised ("Exception ignored in ...") to
+  `<workdir>/run.log` instead of the terminal.
+
+  After a failed restore orbax 0.12.8 leaves the reads of the other arrays behind
+  as coroutines; when Python collects them (at some later garbage collection, often
+  at exit) each prints its exception with a ~100-line TensorStore spec, burying the
+  one-line error this entry point prints last. They add nothing to that message;
+  run.log keeps them. A hook that cannot write (late in interpreter shutdown, an
+  unwritable workdir) drops the record.
+  """
+  path = os.path.join(os.path.abspath(workdir), RUN_LOG)
+
+  def hook(unraisable):
+    try:
+      text = "".join(traceback.format_exception(
+          unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+      with open(path, "a", encoding="utf-8") as f:
+        what = unraisable.err_msg or "Exception ignored in"
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {what}: {unraisable.object!r}\n{text}\n")
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  sys.unraisablehook = hook
+
+
 def _report(error, workdir: str, handler) -> int:
   """Prints a RunError's message (no traceback) and appends its traceback to run.log."""
   if handler is not None:
@@ -141,6 +167,8 @@ def _main(jax, stop) -> int:
   logging.info("JAX process %d of %d; local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   handler = _log_to_workdir(workdir) if jax.process_index() == 0 else None
+  if handler is not None:
+    _log_cleanup_errors(workdir)
   def check_writable():  # in process 0 before it locks; a failure stops every process
     checkpointing.check_writable(workdir)
     checkpointing.check_writable(os.path.join(workdir, "checkpoints"))

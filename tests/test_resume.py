@@ -460,3 +460,23 @@ def test_compatibility_names_the_arrays_that_differ():
       "the state's arrays differ (dnet_params/Dense_0/kernel: [3, 16] float32 -> [3, 8] float32; "
       "params/b is new)"]
   assert checkpointing.compatibility_problems(saved, dict(saved)) == []
+
+
+def test_exceptions_at_finalisation_go_to_run_log_not_the_terminal(tmp_path):
+  """The entry point's hook for "Exception ignored in ..." (orbax's leftover reads after a
+  failed restore print ~100 lines each when collected, burying the one-line error)."""
+  script = ("import asyncio, gc, sys\n"
+            "from experiments import train\n"
+            f"train._log_cleanup_errors({str(tmp_path)!r})\n"
+            "class Leftover:\n"
+            "  def __del__(self):\n"
+            "    raise RuntimeError('TensorStore spec ' * 50)\n"
+            "Leftover()\n"
+            "gc.collect()\n"
+            "print('done')\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
+  assert "TensorStore" not in proc.stderr and "Exception ignored" not in proc.stderr
+  logged = (tmp_path / "run.log").read_text()
+  assert "Exception ignored" in logged and "RuntimeError: TensorStore spec" in logged
