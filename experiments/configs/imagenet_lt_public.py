@@ -64,6 +64,7 @@ prints images/s per host core). The paper reports 57.4 % top-1 after stage 2
 with RandAugment (ResNet-50) and 44.6 % for ResNet-10.
 """
 
+from experiments.configs import _large_public
 from experiments.configs import _streaming
 from experiments.configs import base
 
@@ -75,36 +76,13 @@ def get_config():
       meta_list="ImageNet_LT_val.txt", test_list="ImageNet_LT_test.txt",
       imbalance_factor=256.0)  # 1280 / 5
   config.data.train_augment = "public_imagenet"
-  config.data.meta_per_class = 10
+  _large_public.apply_public_stage1(config, dnet_hidden=(1024, 1024))
   config.model = "resnet50"  # or resnet10
-  config.model_kwargs.head = "cosine"
-  config.model_kwargs.cosine_scale = 30.0
-  config.model_kwargs.cosine_bias = False
-  config.model_kwargs.width = 64  # the standard ResNet (smaller: cheap smoke tests)
-
   config.method = "difficulty_net_bs"
-  config.meta_grad = "driver_only"
   config.loss_weighting = "batch_mean"
-  config.driver_weight = 0.3
-  config.dnet.hidden = (1024, 1024)
-  config.dnet.use_bias = True
-  config.dnet.lr = 1e-3
-  config.dnet.weight_decay = 1e-4
-  config.refresh_at = "epoch_start"
-  config.many_threshold = 100
-  config.few_threshold = 20
-
   config.num_epochs = 180
-  config.batch_size = 128
-  config.meta_batch_size = 100
-  config.eval_batch_size = 1000
   config.learning_rate = 0.05
-  config.momentum = 0.9
   config.nesterov = True
-  config.weight_decay = 5e-4
   config.lr_schedule = "cosine_epoch"
-  config.warmup_epochs = 0
-  config.augment = True
-  config.augment_meta = False  # meta batches with the test transform
   config.log_every_steps = 100
   return config

@@ -59,6 +59,7 @@ roughly 2-4 hours on 8 A100 GPUs or a TPU v4-8 in float32. The paper reports
 41.7 % top-1 after stage 2.
 """
 
+from experiments.configs import _large_public
 from experiments.configs import _streaming
 from experiments.configs import base
 
@@ -70,42 +71,19 @@ def get_config():
       meta_list="Places_LT_val.txt", test_list="Places_LT_test.txt",
       imbalance_factor=996.0)  # 4980 / 5
   config.data.train_augment = "public_places"
-  config.data.meta_per_class = 10
+  _large_public.apply_public_stage1(config, dnet_hidden=(512, 512))
   config.model = "resnet152"
-  config.model_kwargs.head = "cosine"
-  config.model_kwargs.cosine_scale = 30.0
-  config.model_kwargs.cosine_bias = False
-  config.model_kwargs.width = 64  # the standard ResNet (smaller: cheap smoke tests)
   config.model_kwargs.drop_last_blocks = 1
   config.model_kwargs.extra_block = True
   config.pretrained_path = ""  # required in practice: the ImageNet-pretrained .npz
-
   config.method = "difficulty_net"
-  config.meta_grad = "driver_only"
-  config.driver_weight = 0.3
-  config.dnet.hidden = (512, 512)
-  config.dnet.use_bias = True
-  config.dnet.lr = 1e-3
-  config.dnet.weight_decay = 1e-4
-  config.refresh_at = "epoch_start"
-  config.many_threshold = 100
-  config.few_threshold = 20
-
   config.num_epochs = 30
-  config.batch_size = 128
-  config.meta_batch_size = 100
-  config.eval_batch_size = 1000
   # New block and head at 0.01, the pretrained backbone (stem and the four stages) at 0.001.
   config.learning_rate = 0.01
   config.param_groups.backbone = (("^conv_init/", "^bn_init/", "^stage"), 0.1)
-  config.momentum = 0.9
   config.nesterov = False
-  config.weight_decay = 5e-4
   config.lr_schedule = "step"
-  config.warmup_epochs = 0
   config.lr_decay_epochs = (9, 19)
   config.lr_decay_factor = 0.1
-  config.augment = True
-  config.augment_meta = False  # meta batches with the test transform
   config.log_every_steps = 50
   return config
